@@ -1,0 +1,1 @@
+"""asyncdiff_rt: asynchronous denoising runtime."""
