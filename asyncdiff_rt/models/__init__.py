@@ -1,0 +1,1 @@
+from .tiny_t2i import load_tiny

@@ -163,6 +163,6 @@ def load_tiny(path: Optional[str] = None, device: Union[str, torch.device, None]
         raise FileNotFoundError(
             f"no trained tiny model at {path}: reinstall the package with its package data, "
             f"or train one with `python scripts/train_tiny.py`")
-    pipe = TinyT2IPipeline.from_pretrained(path, torch_dtype=torch_dtype, local_files_only=True)
+    pipe = TinyT2IPipeline.from_pretrained(path, dtype=torch_dtype, local_files_only=True, low_cpu_mem_usage=False)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device) if device is not None else pipe

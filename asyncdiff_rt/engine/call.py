@@ -1,0 +1,38 @@
+"""One denoiser call as the pipeline made it, re-playable with another latent or timestep."""
+import inspect
+
+import torch
+
+
+class DenoiserCall:
+    def __init__(self, denoiser, args, kwargs):
+        signature = inspect.signature(denoiser.forward)
+        names = list(signature.parameters)
+        if len(names) < 2:
+            raise TypeError(f"{type(denoiser).__name__}.forward must take (latent, timestep, ...)")
+        self._denoiser = denoiser
+        self._bound = signature.bind(*args, **kwargs)
+        self._latent_name, self._timestep_name = names[0], names[1]
+
+    @property
+    def latent(self):
+        return self._bound.arguments[self._latent_name]
+
+    @property
+    def timestep(self):
+        return self._bound.arguments[self._timestep_name]
+
+    def run(self, latent, tau):
+        """Call the denoiser with this call's other arguments, `latent` and timestep `tau`
+        (a value from the scheduler's timesteps, given the type and shape of the original)."""
+        bound = inspect.BoundArguments(self._bound.signature, dict(self._bound.arguments))
+        bound.arguments[self._latent_name] = latent
+        bound.arguments[self._timestep_name] = _like(self.timestep, tau)
+        return self._denoiser(*bound.args, **bound.kwargs)
+
+
+def _like(original, value):
+    if isinstance(original, torch.Tensor):
+        value = torch.as_tensor(value).to(device=original.device, dtype=original.dtype)
+        return value.expand(original.shape)
+    return type(original)(value.item() if isinstance(value, torch.Tensor) else value)

@@ -1,0 +1,102 @@
+"""The reference executor: one device, whole forwards with cache substitution.
+
+It is the readable oracle. Each device of the plan is simulated by its own cache view
+and latent; Send and SendLatent copy between views exactly as the program says, so a
+program that forgets a transfer computes with stale data and the tests see it.
+"""
+import torch
+import torch.utils._pytree as pytree
+
+from ..schedule import Emit, Forward, Send, SendLatent
+from .stats import ExecutorStats
+from .substitution import UnitSwitch
+
+
+class ReferenceExecutor:
+    name = "reference"
+
+    def __init__(self, denoiser, plan):
+        self.plan = plan
+        self._switch = UnitSwitch(denoiser, plan.graph.paths)
+        self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
+        self.stats = ExecutorStats(plan.n_devices)
+        self._program = None
+
+    def start(self, program, timesteps):
+        """Begin one generation: empty caches on every simulated device."""
+        self._program, self._timesteps = program, timesteps
+        self._shapes = {}  # unit -> an output of it, filled by the warm-up commit
+        self._views = [_DeviceCache(self._shapes) for _ in range(program.n_devices)]
+        self._latents = [None] * program.n_devices
+        self._previous = None
+
+    def step(self, k, call):
+        """Run step k of the program for the pipeline's denoiser call; return its eps."""
+        step = self._program.steps[k]
+        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
+        self._latents[self._program.host] = call.latent
+        for ins in step.instructions:
+            try:
+                handler = self._handlers[type(ins)]
+            except KeyError:
+                raise TypeError(f"the reference executor cannot run {ins!r}") from None
+            handler(ins)
+        self.stats.steps[step.phase] += 1
+        self._previous = self._emitted
+        return self._emitted
+
+    def _send(self, ins):
+        entry = self._views[ins.src][ins.unit]
+        self._views[ins.dst][ins.unit] = entry
+        self.stats.add_received(ins.dst, self.plan.graph.unit(ins.unit).nbytes)
+
+    def _send_latent(self, ins):
+        self._latents[ins.dst] = self._latents[self._program.host]
+        self.stats.add_received(ins.dst, self.plan.graph.latent_nbytes)
+
+    def _forward(self, ins):
+        program, owner = self._program, self.plan.transfers.owner
+        if ins.device is None:
+            compute, view, latent = self.plan.graph.paths, {}, self._call.latent
+        else:
+            compute = self.plan.partition.components[program.component_of(ins.device)]
+            view = self._views[ins.device]
+            # A device whose units never read the latent runs its glue on a zero buffer.
+            latent = self._latents[ins.device]
+            latent = torch.zeros_like(self._call.latent) if latent is None else latent
+        record = {}
+        with self._switch.forward_with(compute, view, record):
+            self._outputs[ins.device] = self._call.run(latent, self._timesteps[ins.tau_index])
+        if ins.commit:
+            for path, out in record.items():
+                self._views[owner[path]][path] = out
+                self._shapes.setdefault(path, out)
+        self.stats.forwards[-1 if ins.device is None else ins.device] += 1
+
+    def _emit(self, ins):
+        if ins.source == "forward":
+            self._emitted = self._outputs[ins.device]
+        elif ins.source == "previous":
+            self._emitted = self._previous
+        else:  # "cache": the output assembled from the host's cache, no unit runs
+            host = self._program.host
+            tau = self._timesteps[self._k - int(self._program.time_shift)]
+            with self._switch.forward_with((), self._views[host], {}):
+                self._emitted = self._call.run(self._call.latent, tau)
+
+    def close(self):
+        self._switch.remove()
+
+
+class _DeviceCache(dict):
+    """One simulated device's cache. A unit it was never sent reads as zeros, like an
+    uninitialised buffer: only glue whose result no computed unit uses may see it."""
+
+    def __init__(self, shapes):
+        super().__init__()
+        self._shapes = shapes
+
+    def __missing__(self, path):
+        if path not in self._shapes:
+            raise KeyError(path)
+        return pytree.tree_map(lambda t: torch.zeros_like(t) if isinstance(t, torch.Tensor) else t, self._shapes[path])

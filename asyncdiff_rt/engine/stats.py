@@ -1,0 +1,29 @@
+"""Counters every executor keeps, reported by `handle.stats()`."""
+from collections import Counter
+
+
+class ExecutorStats:
+    def __init__(self, n_devices):
+        self.n_devices = n_devices
+        self.reset()
+
+    def reset(self):
+        self.steps = Counter()
+        self.forwards = [0] * (self.n_devices + 1)  # last slot: whole (warm-up) forwards
+        self.received_bytes = [0] * self.n_devices
+        self.transfers = 0
+        self.generations = 0
+
+    def add_received(self, device, nbytes):
+        self.received_bytes[device] += nbytes
+        self.transfers += 1
+
+    def as_dict(self):
+        return {
+            "generations": self.generations,
+            "steps": dict(self.steps),
+            "forwards_per_device": self.forwards[:-1],
+            "warmup_forwards": self.forwards[-1],
+            "transfers": self.transfers,
+            "received_bytes_per_device": list(self.received_bytes),
+        }

@@ -1,0 +1,66 @@
+"""`parallelize(pipe, ...)`: swap a diffusers pipeline's UNet for an AsyncDenoiser."""
+import torch
+
+from ..async_denoiser import AsyncDenoiser
+from ..engine import make_executor
+from ..plan import make_plan
+from ..schedule import validate_settings
+from ..trace import unet_inputs
+
+
+class AsyncDiffHandle:
+    """What `parallelize` returns: the plan, live statistics, and `remove()`."""
+
+    def __init__(self, pipe, original, wrapper):
+        self._pipe, self._original, self._wrapper = pipe, original, wrapper
+
+    @property
+    def plan(self):
+        return self._wrapper.plan
+
+    @property
+    def denoiser(self):
+        return self._wrapper
+
+    def stats(self):
+        return {"executor": self._wrapper.executor.name, **self._wrapper.executor.stats.as_dict()}
+
+    def remove(self):
+        """Put the original UNet back; the pipeline is then exactly as before."""
+        if self._wrapper is None:
+            return
+        self._pipe.__dict__["unet"] = self._original
+        self._wrapper.executor.close()
+        self._wrapper = None
+
+
+def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
+                stride_reuse="component", devices=None, executor="auto"):
+    """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
+
+    Works on any diffusers pipeline whose denoiser is `pipe.unet` and whose scheduler is
+    `pipe.scheduler` (StableDiffusion, StableDiffusionXL, their img2img and inpainting
+    variants, ...). Everything is checked before any work; the warm-up is checked
+    against the step count at the first call.
+    """
+    unet = getattr(pipe, "unet", None)
+    if isinstance(unet, AsyncDenoiser):
+        raise ValueError("this pipeline is already parallelized; call handle.remove() first")
+    if not isinstance(unet, torch.nn.Module) or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
+        raise TypeError(
+            f"parallelize expects a diffusers pipeline with a `unet` module and a `scheduler` "
+            f"(e.g. StableDiffusionPipeline), got {type(pipe).__name__}"
+        )
+    validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
+    n_devices = n_components + stride - 1
+    if devices is not None and len(devices) != n_devices:
+        raise ValueError(
+            f"devices lists {len(devices)} devices, but n_components={n_components} with stride={stride} "
+            f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices or pass devices=None"
+        )
+    plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
+    runner = make_executor(executor, unet, plan)
+    wrapper = AsyncDenoiser(unet, plan, runner, lambda: pipe.scheduler)
+    # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
+    pipe.__dict__["unet"] = wrapper
+    return AsyncDiffHandle(pipe, unet, wrapper)

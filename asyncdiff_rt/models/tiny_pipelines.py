@@ -1,0 +1,73 @@
+"""Random-weight Stable Diffusion pipelines with the real block layouts, built offline.
+
+Tests and the quick demo use them: every component comes from a config, and the
+tokenizer's vocabulary is written on the fly (characters only), so no hub is needed.
+"""
+import json
+import string
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .configs import build_unet
+
+_TEXT = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
+             max_position_embeddings=16, projection_dim=16)
+
+
+def tiny_tokenizer():
+    from transformers import CLIPTokenizer
+
+    chars = string.ascii_lowercase + string.digits + " .,"
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in chars:
+        vocab.setdefault(c, len(vocab))
+        vocab.setdefault(c + "</w>", len(vocab))
+    with tempfile.TemporaryDirectory() as d:
+        (Path(d) / "vocab.json").write_text(json.dumps(vocab))
+        (Path(d) / "merges.txt").write_text("#version: 0.2\n")
+        return CLIPTokenizer(str(Path(d) / "vocab.json"), str(Path(d) / "merges.txt"), model_max_length=16)
+
+
+def _text_encoder(tokenizer, projection=False):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=1, pad_token_id=1, **_TEXT)
+    return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _vae():
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8),
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        layers_per_block=1, norm_num_groups=4, sample_size=16,
+    ).eval()
+
+
+def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None):
+    """A tiny random `StableDiffusion[XL][Img2Img]Pipeline` of `family` (sd15, sd21, sdxl).
+    Latents are 8x8 for a 16x16 image (the tiny VAE downsamples by 2)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    unet = build_unet(f"tiny-{family}", device="cpu", dtype=torch.float32, seed=seed).eval()
+    scheduler = scheduler or diffusers.DDIMScheduler(
+        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+        clip_sample=False, set_alpha_to_one=False,
+    )
+    tokenizer = tiny_tokenizer()
+    parts = dict(unet=unet, vae=_vae(), scheduler=scheduler, tokenizer=tokenizer)
+    if family == "sdxl":
+        name = "StableDiffusionXLImg2ImgPipeline" if img2img else "StableDiffusionXLPipeline"
+        parts.update(text_encoder=_text_encoder(tokenizer), text_encoder_2=_text_encoder(tokenizer, True),
+                     tokenizer_2=tokenizer)
+    else:
+        name = "StableDiffusionImg2ImgPipeline" if img2img else "StableDiffusionPipeline"
+        parts.update(text_encoder=_text_encoder(tokenizer), safety_checker=None, feature_extractor=None,
+                     requires_safety_checker=False)
+    pipe = getattr(diffusers, name)(**parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

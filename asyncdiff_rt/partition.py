@@ -1,0 +1,172 @@
+"""Partition: which component owns each unit.
+
+Strategies: "auto" (minimise the largest component's FLOPs), "upstream" (the reference
+code's table for a recognised family) or an explicit list of N lists of module paths.
+Component N-1 always owns the unit that produces the denoiser's output.
+"""
+import re
+from dataclasses import dataclass
+
+from .upstream_splits import SPLITS, recognise_family
+
+
+@dataclass(frozen=True)
+class Partition:
+    components: tuple  # per component, its unit paths in execution order
+    strategy: str
+
+    @property
+    def n_components(self):
+        return len(self.components)
+
+    @property
+    def owner(self):
+        return {path: c for c, paths in enumerate(self.components) for path in paths}
+
+    def loads(self, graph):
+        return [sum(graph.unit(p).flops for p in paths) for paths in self.components]
+
+
+def resolve_partition(graph, n_components, spec, denoiser=None):
+    """Turn `spec` into a Partition of `graph`'s units, or raise naming the fix."""
+    count = len(graph.units)
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or not 1 <= n_components <= count:
+        raise ValueError(
+            f"n_components={n_components!r} is not possible: this denoiser has {count} units, "
+            f"so choose an integer from 1 to {count}"
+        )
+    if spec == "auto":
+        return _auto(graph, n_components)
+    if spec == "upstream":
+        family = recognise_family(denoiser) if denoiser is not None else None
+        table = SPLITS.get(family, {}).get(n_components)
+        if table is None:
+            known = ", ".join(f"{f} (N={'/'.join(map(str, t))})" for f, t in SPLITS.items())
+            found = f"a {family} UNet" if family else "an architecture with no published split"
+            raise ValueError(
+                f'partition="upstream" has no table for {found} with n_components={n_components}; '
+                f'published splits exist for {known}. Use partition="auto" or an explicit list of lists'
+            )
+        return _explicit(graph, table, f"upstream:{family}")
+    if isinstance(spec, (list, tuple)):
+        if len(spec) != n_components:
+            raise ValueError(
+                f"the explicit partition has {len(spec)} lists but n_components={n_components}; "
+                "give one list of module paths per component"
+            )
+        return _explicit(graph, spec, "explicit")
+    raise ValueError(f'partition={spec!r} is unknown; use "auto", "upstream" or a list of N lists of module paths')
+
+
+def _normalise(path):
+    return re.sub(r"\[(\d+)\]", r".\1", str(path)).strip(".")
+
+
+def _explicit(graph, lists, strategy):
+    paths, owner = graph.paths, {}
+    for c, entries in enumerate(lists):
+        if isinstance(entries, str):
+            raise ValueError(f"component {c} is the string {entries!r}; give a list of module paths")
+        for entry in entries:
+            name = _normalise(entry)
+            matched = [p for p in paths if p == name or p.startswith(name + ".")]
+            if not matched:
+                near = [p for p in paths if p.split(".")[0] == name.split(".")[0]][:6]
+                raise ValueError(
+                    f"partition entry {entry!r} names no unit of this denoiser; units look like "
+                    f"{', '.join(near or paths[:6])} (see `asyncdiff-rt plan` for the full list)"
+                )
+            for p in matched:
+                if p in owner:
+                    raise ValueError(
+                        f"unit {p!r} is listed twice (components {owner[p]} and {c}); give each unit to one component"
+                    )
+                owner[p] = c
+    missing = [p for p in paths if p not in owner]
+    if missing:
+        raise ValueError(f"the partition leaves units without a component: {', '.join(missing)}; add them to a list")
+    components = tuple(tuple(p for p in paths if owner[p] == c) for c in range(len(lists)))
+    empty = [c for c, comp in enumerate(components) if not comp]
+    if empty:
+        raise ValueError(f"component(s) {empty} hold no unit; give every component at least one module")
+    out, last = graph.output_unit, len(lists) - 1
+    if owner[out] != last:
+        raise ValueError(
+            f"{out!r} produces the denoiser's output, so it must be in the last component "
+            f"({last}), not in component {owner[out]}; move it to the last list"
+        )
+    return Partition(components, strategy)
+
+
+def _auto(graph, n):
+    costs = [u.flops for u in graph.units]
+    cuts = _contiguous_cuts(costs, n)
+    assign = [c for c in range(n) for _ in range(cuts[c], cuts[c + 1])]
+    assign = _improve(costs, assign, n, pinned=graph.paths.index(graph.output_unit))
+    # Number components by first unit, with the output unit's component last.
+    out_comp = assign[graph.paths.index(graph.output_unit)]
+    order = [c for c in dict.fromkeys(assign) if c != out_comp] + [out_comp]
+    rank = {c: i for i, c in enumerate(order)}
+    components = tuple(tuple(p for p, a in zip(graph.paths, assign) if rank[a] == c) for c in range(n))
+    return Partition(components, "auto")
+
+
+def _contiguous_cuts(costs, n):
+    """Boundaries of the contiguous split into n non-empty parts with the smallest maximum."""
+    m = len(costs)
+    prefix = [0]
+    for c in costs:
+        prefix.append(prefix[-1] + c)
+    inf = float("inf")
+    best = [[inf] * (m + 1) for _ in range(n + 1)]
+    back = [[0] * (m + 1) for _ in range(n + 1)]
+    best[0][0] = 0
+    for k in range(1, n + 1):
+        for j in range(k, m - (n - k) + 1):
+            for i in range(k - 1, j):
+                value = max(best[k - 1][i], prefix[j] - prefix[i])
+                if value < best[k][j]:
+                    best[k][j], back[k][j] = value, i
+    cuts, j = [m], m
+    for k in range(n, 0, -1):
+        j = back[k][j]
+        cuts.append(j)
+    return cuts[::-1]
+
+
+def _improve(costs, assign, n, pinned):
+    """Move or swap single units between components while that lowers the largest load.
+
+    This is where non-contiguous splits come from: a move is taken only when both
+    components it touches end below the current largest load."""
+    assign = list(assign)
+    while True:
+        loads = [0] * n
+        for unit, c in enumerate(assign):
+            loads[c] += costs[unit]
+        top = max(loads)
+        heavy = loads.index(top)
+        best = None  # (new max over the two components touched, unit, target, swap partner)
+        for u, cu in enumerate(assign):
+            if cu != heavy or u == pinned:
+                continue
+            for target in range(n):
+                if target == heavy:
+                    continue
+                if assign.count(heavy) > 1:
+                    worst = max(loads[heavy] - costs[u], loads[target] + costs[u])
+                    if worst < top and (best is None or worst < best[0]):
+                        best = (worst, u, target, None)
+                for v, cv in enumerate(assign):
+                    if cv != target or v == pinned or costs[v] >= costs[u]:
+                        continue
+                    delta = costs[u] - costs[v]
+                    worst = max(loads[heavy] - delta, loads[target] + delta)
+                    if worst < top and (best is None or worst < best[0]):
+                        best = (worst, u, target, v)
+        if best is None:  # each move lowers (largest load, how many components carry it)
+            return assign
+        _, u, target, v = best
+        assign[u] = target
+        if v is not None:
+            assign[v] = heavy

@@ -1,0 +1,84 @@
+"""A Plan ties one denoiser's units, partition and dataflow to the AsyncDiff settings,
+and builds the program for a given number of steps."""
+from dataclasses import dataclass, field
+
+from .dataflow import broadcast_bytes_per_step, bytes_per_step, transfer_plan
+from .partition import resolve_partition
+from .schedule import build_program, critical_path_steps, ideal_speedup, validate_settings
+from .units import find_units
+
+
+@dataclass(frozen=True)
+class Plan:
+    graph: object  # UnitGraph
+    partition: object  # Partition
+    stride: int
+    warmup: int
+    time_shift: bool
+    stride_reuse: str
+    transfers: object  # TransferPlan
+    _programs: dict = field(default_factory=dict, compare=False, repr=False)
+
+    @property
+    def n_components(self):
+        return self.partition.n_components
+
+    @property
+    def n_devices(self):
+        return self.n_components + self.stride - 1
+
+    def program(self, num_steps):
+        if num_steps not in self._programs:
+            self._programs[num_steps] = build_program(
+                num_steps, self.warmup, self.stride, self.n_components, self.transfers,
+                time_shift=self.time_shift, stride_reuse=self.stride_reuse,
+            )
+        return self._programs[num_steps]
+
+    def summary(self, num_steps=50):
+        """The plan's figures as plain data (what `asyncdiff-rt plan --json` prints)."""
+        g, loads = self.graph, self.partition.loads(self.graph)
+        total = sum(loads) + g.shared_flops
+        ours = bytes_per_step(self.program(max(num_steps, self.warmup)), g)
+        return {
+            "n_components": self.n_components, "stride": self.stride, "warmup": self.warmup,
+            "devices": self.n_devices, "partition": self.partition.strategy,
+            "components": [
+                {"units": list(paths), "gflops": load / 1e9, "share": load / total if total else 0.0}
+                for paths, load in zip(self.partition.components, loads)
+            ],
+            "shared_gflops": g.shared_flops / 1e9,
+            "imbalance": max(loads) * len(loads) / sum(loads) if sum(loads) else 1.0,
+            "num_steps": num_steps,
+            "critical_path_steps": critical_path_steps(num_steps, self.warmup, self.stride),
+            "ideal_speedup": ideal_speedup(num_steps, self.warmup, self.stride, loads, g.shared_flops),
+            "ideal_speedup_formula": "K*(L+s) / (W*(L+s) + F*(max_c+s)); L = sum of component FLOPs, "
+            "s = shared FLOPs every device repeats, F = asynchronous steps that run a forward",
+            "bytes_per_step": ours,
+            "broadcast_bytes_per_step": broadcast_bytes_per_step(g, self.partition, self.stride),
+        }
+
+    def __str__(self):
+        s = self.summary()
+        lines = [
+            f"AsyncDiff plan: N={s['n_components']} S={s['stride']} W={s['warmup']} devices={s['devices']} "
+            f"partition={s['partition']}"
+        ]
+        for c, comp in enumerate(s["components"]):
+            lines.append(f"  component {c}: {comp['share']:6.1%} of FLOPs, {len(comp['units'])} units: "
+                         + ", ".join(comp["units"]))
+        lines.append(f"  shared (every device): {s['shared_gflops']:.2f} GFLOP; imbalance {s['imbalance']:.3f}")
+        lines.append(f"  ideal speedup at K={s['num_steps']}: {s['ideal_speedup']:.2f}x  [{s['ideal_speedup_formula']}]")
+        for d, (ours, ref) in enumerate(zip(s["bytes_per_step"], s["broadcast_bytes_per_step"])):
+            lines.append(f"  device {d} receives {ours / 2**20:8.2f} MiB/step (reference broadcast: {ref / 2**20:8.2f})")
+        return "\n".join(lines)
+
+
+def make_plan(denoiser, make_inputs, n_components=2, stride=1, warmup=1, time_shift=False,
+              partition="auto", stride_reuse="component", prune=True):
+    """Validate the settings, find the units and build the plan; no device work."""
+    validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
+    graph = find_units(denoiser, make_inputs)
+    parts = resolve_partition(graph, n_components, partition, denoiser)
+    transfers = transfer_plan(graph, parts, stride, prune=prune)
+    return Plan(graph, parts, stride, warmup, time_shift, stride_reuse, transfers)

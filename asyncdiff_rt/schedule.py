@@ -1,0 +1,194 @@
+"""The program: a static, per-step, per-device instruction stream (no torch here).
+
+Every executor interprets the same program, so what is computed is fixed here, as
+SEMANTICS.md defines it. Device d < N runs component d; with stride 2, device N (the
+stride device) runs a second copy of component N-1. The last device is the *host*:
+it holds the latent the pipeline steps and receives every prediction (eps).
+"""
+from dataclasses import dataclass
+
+STRIDE_REUSE = ("component", "previous")
+
+
+@dataclass(frozen=True)
+class Send:
+    """Copy the owner's last committed output of `unit` into device `dst`'s cache.
+    Placed before the Forward on `dst` that reads it, after the commit that made it."""
+
+    unit: str
+    src: int
+    dst: int
+
+    def __repr__(self):
+        return f"Send({self.unit}: {self.src}->{self.dst})"
+
+
+@dataclass(frozen=True)
+class SendLatent:
+    """Copy this step's latent x_k from the host to `dst`, whose units read it."""
+
+    dst: int
+
+    def __repr__(self):
+        return f"SendLatent(->{self.dst})"
+
+
+@dataclass(frozen=True)
+class Forward:
+    """Run the denoiser on `device` at timestep T[tau_index]: the units of the device's
+    component are computed, every other unit returns the device's cached output.
+    `device=None` is a warm-up forward: the whole denoiser, every unit computed.
+    `commit`: each computed unit's output becomes its owner's cache entry."""
+
+    device: object
+    tau_index: int
+    commit: bool
+
+    def __repr__(self):
+        where = "whole" if self.device is None else f"dev{self.device}"
+        return f"Forward({where}, T[{self.tau_index}]{', commit' if self.commit else ''})"
+
+
+@dataclass(frozen=True)
+class Emit:
+    """Hand this step's prediction to the pipeline. `source`:
+    "forward": the output of this step's Forward on `device` (None: the warm-up forward);
+    "cache": the denoiser's output assembled from the host's cache (a reuse step);
+    "previous": the prediction of the step before (stride_reuse="previous")."""
+
+    source: str
+    device: object = None
+
+    def __repr__(self):
+        if self.source == "forward":
+            return f"Emit({'whole' if self.device is None else f'dev{self.device}'})"
+        return f"Emit({self.source})"
+
+
+@dataclass(frozen=True)
+class Step:
+    index: int
+    phase: str  # "warmup" | "async" (stride 1) | "compute" | "reuse" (stride 2)
+    instructions: tuple
+
+    def forwards(self):
+        return [i for i in self.instructions if isinstance(i, Forward)]
+
+    def emit(self):
+        return next(i for i in self.instructions if isinstance(i, Emit))
+
+
+@dataclass(frozen=True)
+class TransferPlan:
+    """What each device receives before each of its forwards (from dataflow.py)."""
+
+    owner: dict  # unit -> component (= the device that commits it)
+    receives: tuple  # per device: units whose cache it needs from their owners
+    reads_latent: tuple  # per device: whether its units read the latent
+    emit_reads: tuple  # units the denoiser's output is assembled from (reuse steps)
+
+
+@dataclass(frozen=True)
+class Program:
+    num_steps: int
+    warmup: int
+    stride: int
+    n_components: int
+    time_shift: bool
+    stride_reuse: str
+    steps: tuple
+
+    @property
+    def n_devices(self):
+        return self.n_components + self.stride - 1
+
+    @property
+    def host(self):
+        return self.n_devices - 1
+
+    def component_of(self, device):
+        return min(device, self.n_components - 1)
+
+    def __str__(self):
+        head = (
+            f"Program: K={self.num_steps} W={self.warmup} N={self.n_components} S={self.stride} "
+            f"devices={self.n_devices} host=dev{self.host} time_shift={self.time_shift} "
+            f"stride_reuse={self.stride_reuse}"
+        )
+        lines = [head]
+        for step in self.steps:
+            sends = [i for i in step.instructions if isinstance(i, (Send, SendLatent))]
+            work = [repr(i) for i in step.instructions if isinstance(i, (Forward, Emit))]
+            recv = f" | {len(sends)} sends" if sends else ""
+            lines.append(f"  step {step.index:3d} {step.phase:7s} {' '.join(work)}{recv}")
+        return "\n".join(lines)
+
+
+def validate_settings(num_steps, warmup, stride, n_components, stride_reuse="component", time_shift=False):
+    """Raise ValueError naming the fix for settings no program exists for."""
+    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+        raise ValueError(f"n_components={n_components!r}: use an integer >= 1")
+    if stride not in (1, 2) or isinstance(stride, bool):
+        raise ValueError(f"stride={stride!r}: AsyncDiff defines stride 1 or 2 only")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+        raise ValueError(f"warmup={warmup!r}: use an integer >= 1 (the warm-up fills the cache)")
+    if num_steps is not None and warmup > num_steps:
+        raise ValueError(
+            f"warmup={warmup} is more than the {num_steps} denoising steps of this call; "
+            f"use warmup <= {num_steps} or more inference steps"
+        )
+    if stride_reuse not in STRIDE_REUSE:
+        raise ValueError(f"stride_reuse={stride_reuse!r}: use one of {STRIDE_REUSE}")
+    if not isinstance(time_shift, bool):
+        raise ValueError(f"time_shift={time_shift!r}: use True or False")
+
+
+def build_program(num_steps, warmup, stride, n_components, transfers, time_shift=False, stride_reuse="component"):
+    validate_settings(num_steps, warmup, stride, n_components, stride_reuse, time_shift)
+    n_devices = n_components + stride - 1
+    if len(transfers.receives) != n_devices:
+        raise ValueError(f"the transfer plan covers {len(transfers.receives)} devices, the program {n_devices}")
+    shift, host = int(time_shift), n_devices - 1
+
+    def sends():
+        out = []
+        for dst, units in enumerate(transfers.receives):
+            out += [Send(u, transfers.owner[u], dst) for u in units]
+        out += [SendLatent(d) for d in range(n_devices) if transfers.reads_latent[d] and d != host]
+        return out
+
+    steps = []
+    for k in range(num_steps):
+        if k < warmup:
+            steps.append(Step(k, "warmup", (Forward(None, k, commit=k == warmup - 1), Emit("forward", None))))
+        elif stride == 1:
+            forwards = [Forward(d, k - shift, commit=True) for d in range(n_devices)]
+            steps.append(Step(k, "async", (*sends(), *forwards, Emit("forward", host))))
+        elif (k - warmup) % 2 == 0:
+            ahead = k + 1 - shift if k < num_steps - 1 else k - shift
+            forwards = [Forward(d, ahead, commit=True) for d in range(n_components)]
+            forwards.append(Forward(host, k - shift, commit=False))
+            steps.append(Step(k, "compute", (*sends(), *forwards, Emit("forward", host))))
+        elif stride_reuse == "component":
+            fetch = [Send(u, transfers.owner[u], host) for u in transfers.emit_reads]
+            steps.append(Step(k, "reuse", (*fetch, Emit("cache", host))))
+        else:
+            steps.append(Step(k, "reuse", (Emit("previous"),)))
+    return Program(num_steps, warmup, stride, n_components, time_shift, stride_reuse, tuple(steps))
+
+
+def critical_path_steps(num_steps, warmup, stride):
+    """Steps that run a forward (warm-up or asynchronous): the critical path, in steps."""
+    validate_settings(num_steps, warmup, stride, 1)
+    rest = num_steps - warmup
+    return warmup + (rest if stride == 1 else (rest + 1) // 2)
+
+
+
+def ideal_speedup(num_steps, warmup, stride, loads, shared=0):
+    """Sequential cost over asynchronous cost with a perfect overlap of transfers:
+    K*(sum(loads)+shared) / (W*(sum(loads)+shared) + F*(max(loads)+shared)), F the
+    asynchronous steps that run a forward."""
+    whole = sum(loads) + shared
+    forwards = critical_path_steps(num_steps, warmup, stride) - warmup
+    return num_steps * whole / (warmup * whole + forwards * (max(loads) + shared))

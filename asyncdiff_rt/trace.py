@@ -1,0 +1,202 @@
+"""One hooked forward of a denoiser on fake tensors: which modules run, in what order,
+what each one reads (provenance through the glue between them), its outputs and FLOPs.
+
+Nothing is computed: real weights are wrapped as fake tensors, so tracing SDXL at
+1024 px costs seconds and no memory. `units.py` and `dataflow.py` read the result.
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.overrides import TorchFunctionMode
+from torch.utils.flop_counter import FlopCounterMode
+
+LATENT, TIMESTEP, COND = "<latent>", "<timestep>", "<cond>"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    shape: tuple
+    dtype: torch.dtype
+
+    @property
+    def nbytes(self):
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * self.dtype.itemsize
+
+
+@dataclass(frozen=True)
+class ModuleCall:
+    """A candidate module as it ran: `reads` holds the sources its inputs derive from."""
+
+    path: str
+    order: int
+    reads: frozenset
+    outputs: tuple
+    flops: int
+    is_unit: bool
+
+
+@dataclass(frozen=True)
+class Trace:
+    calls: tuple  # ModuleCall in execution order (first call)
+    output_reads: frozenset  # sources of the denoiser's output
+    latent: TensorSpec
+    total_flops: int
+
+
+def candidate_modules(denoiser):
+    """Placeable modules by structure: the root's own children, except that blocks held
+    in the root's module lists are split into the layers of their own module lists
+    (resnets, attentions, samplers) when those lists are all they hold."""
+    found = {}
+    for name, child in denoiser.named_children():
+        if isinstance(child, (torch.nn.ModuleList, torch.nn.ModuleDict)):
+            for index, block in child.named_children():
+                found.update(_split_block(f"{name}.{index}", block))
+        elif any(True for _ in child.parameters()):
+            found[name] = child
+    return found
+
+
+def _split_block(path, block):
+    lists = [(n, c) for n, c in block.named_children() if isinstance(c, torch.nn.ModuleList)]
+    others = [c for n, c in block.named_children() if not isinstance(c, torch.nn.ModuleList)]
+    if not lists or any(any(True for _ in c.parameters()) for c in others):
+        return {path: block}
+    return {f"{path}.{n}.{i}": layer for n, lst in lists for i, layer in lst.named_children()}
+
+
+class _Provenance(TorchFunctionMode):
+    """Labels every tensor with the sources it was computed from."""
+
+    def __init__(self):
+        super().__init__()
+        self.labels = {}
+        self._alive = []  # keeps labelled tensors alive so their ids stay unique
+
+    def sources(self, obj):
+        out = frozenset()
+        for leaf in pytree.tree_leaves(obj):
+            if isinstance(leaf, torch.Tensor):
+                out |= self.labels.get(id(leaf), frozenset())
+        return out
+
+    def mark(self, obj, sources):
+        for leaf in pytree.tree_leaves(obj):
+            if isinstance(leaf, torch.Tensor):
+                self.labels[id(leaf)] = sources
+                self._alive.append(leaf)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        sources = self.sources((args, kwargs))
+        if sources:
+            self.mark(out, sources)
+        return out
+
+
+def _specs(obj):
+    return tuple(
+        TensorSpec(tuple(t.shape), t.dtype) for t in pytree.tree_leaves(obj) if isinstance(t, torch.Tensor)
+    )
+
+
+def trace_denoiser(denoiser, make_inputs):
+    """Run `denoiser(*args, **kwargs)` once on fake tensors with hooks.
+
+    `make_inputs()` is called inside the fake mode and returns (latent, timestep, cond_args,
+    cond_kwargs); the call is `denoiser(latent, timestep, *cond_args, **cond_kwargs)`.
+    A candidate whose inputs derive from the latent or from a unit is a unit; the rest
+    (time and condition embeddings) are shared and keep their inputs' labels.
+    """
+    candidates = candidate_modules(denoiser)
+    root = type(denoiser).__name__
+    prov, pending, calls, units = _Provenance(), {}, {}, set()
+
+    def pre_hook(path):
+        def hook(module, args, kwargs):
+            pending[path] = prov.sources((args, kwargs))
+
+        return hook
+
+    def post_hook(path):
+        def hook(module, args, kwargs, output):
+            reads = pending.pop(path)
+            is_unit = LATENT in reads or bool(reads & units)
+            if path not in calls:
+                calls[path] = (len(calls), reads, _specs(output), is_unit)
+            if is_unit:
+                units.add(path)
+                prov.mark(output, frozenset([path]))
+
+        return hook
+
+    handles = []
+    for path, module in candidates.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
+        handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
+    try:
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            latent, timestep, cond_args, cond_kwargs = make_inputs()
+            with FlopCounterMode(display=False) as counter, prov:
+                prov.mark(latent, frozenset([LATENT]))
+                prov.mark(timestep, frozenset([TIMESTEP]))
+                prov.mark((cond_args, cond_kwargs), frozenset([COND]))
+                output = denoiser(latent, timestep, *cond_args, **cond_kwargs)
+            output_reads = prov.sources(output)
+    finally:
+        for h in handles:
+            h.remove()
+    counts = counter.get_flop_counts()
+    flops = {p: sum(counts.get(f"{root}.{p}", {}).values()) for p in calls}
+    ordered = sorted(calls.items(), key=lambda kv: kv[1][0])
+    return Trace(
+        calls=tuple(
+            ModuleCall(p, order, reads, outs, flops[p], is_unit) for p, (order, reads, outs, is_unit) in ordered
+        ),
+        output_reads=output_reads,
+        latent=TensorSpec(tuple(latent.shape), latent.dtype),
+        total_flops=sum(counts.get("Global", {}).values()),
+    )
+
+
+def unet_inputs(denoiser, batch=2, height=None, width=None, text_len=77):
+    """A `make_inputs` for a diffusers `UNet2DConditionModel`-like denoiser, from its config.
+
+    `height`/`width` are in latent pixels (default: the config's `sample_size`).
+    """
+    config = getattr(denoiser, "config", None)
+    needed = ("in_channels", "sample_size", "cross_attention_dim")
+    if config is None or any(not hasattr(config, k) for k in needed):
+        raise TypeError(
+            f"{type(denoiser).__name__} has no UNet2DConditionModel-style config "
+            f"({', '.join(needed)}); pass example inputs for it explicitly"
+        )
+    size = config.sample_size
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    h, w = height or size[0], width or size[1]
+    param = next(denoiser.parameters())
+    device, dtype = param.device, param.dtype
+    cross = config.cross_attention_dim
+    cross = cross[0] if isinstance(cross, (tuple, list)) else cross
+
+    def make():
+        latent = torch.empty(batch, config.in_channels, h, w, device=device, dtype=dtype)
+        timestep = torch.tensor(999.0, device=device)
+        kwargs = {"encoder_hidden_states": torch.empty(batch, text_len, cross, device=device, dtype=dtype)}
+        if getattr(config, "addition_embed_type", None) == "text_time":
+            text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": torch.empty(batch, text_dim, device=device, dtype=dtype),
+                "time_ids": torch.empty(batch, 6, device=device, dtype=dtype),
+            }
+        if getattr(config, "time_cond_proj_dim", None):
+            kwargs["timestep_cond"] = torch.empty(batch, config.time_cond_proj_dim, device=device, dtype=dtype)
+        return latent, timestep, (), kwargs
+
+    return make

@@ -1,0 +1,61 @@
+"""Units: the placeable blocks of a denoiser, in execution order, with outputs and costs."""
+from dataclasses import dataclass
+
+from .trace import trace_denoiser
+
+
+@dataclass(frozen=True)
+class Unit:
+    path: str  # dotted module path inside the denoiser, e.g. "up_blocks.1.attentions.2"
+    index: int  # position in execution order
+    outputs: tuple  # TensorSpec per output tensor
+    flops: int
+
+    @property
+    def nbytes(self):
+        return sum(spec.nbytes for spec in self.outputs)
+
+
+@dataclass(frozen=True)
+class UnitGraph:
+    """The units of one denoiser and what each reads; the input of partition and dataflow."""
+
+    units: tuple  # Unit, in execution order
+    reads: dict  # unit path -> frozenset of unit paths and trace sources its inputs derive from
+    output_reads: frozenset  # what the denoiser's output derives from
+    latent_nbytes: int
+    total_flops: int
+
+    @property
+    def paths(self):
+        return tuple(u.path for u in self.units)
+
+    def unit(self, path):
+        return self.units[self.paths.index(path)]
+
+    @property
+    def output_unit(self):
+        """The last unit whose output reaches the denoiser's output (`conv_out` for a UNet)."""
+        reaching = [u for u in self.units if u.path in self.output_reads]
+        if not reaching:
+            raise ValueError("the denoiser's output derives from no unit: nothing to split")
+        return reaching[-1].path
+
+    @property
+    def shared_flops(self):
+        """Work every device repeats: shared modules (time, condition embeddings) and glue."""
+        return max(self.total_flops - sum(u.flops for u in self.units), 0)
+
+
+def find_units(denoiser, make_inputs):
+    """List the units of `denoiser` from one hooked forward on fake tensors (see trace.py)."""
+    trace = trace_denoiser(denoiser, make_inputs)
+    calls = [c for c in trace.calls if c.is_unit]
+    units = tuple(Unit(c.path, i, c.outputs, c.flops) for i, c in enumerate(calls))
+    return UnitGraph(
+        units=units,
+        reads={c.path: c.reads for c in calls},
+        output_reads=trace.output_reads,
+        latent_nbytes=trace.latent.nbytes,
+        total_flops=trace.total_flops,
+    )
