@@ -45,8 +45,9 @@ def _extension() -> dict:
     try:
         info["devices"] = C.device_count()
     except C.CudaError as e:
-        info["error"] = (f"extension built but no usable GPU: {e} (driver supports CUDA "
-                         f"{_version(info['cuda_driver'])}, extension runtime is CUDA "
+        drv = info["cuda_driver"]
+        info["error"] = (f"extension built but no usable GPU: {e} (driver: "
+                         f"{'CUDA ' + _version(drv) if drv else 'none found'}; extension runtime: CUDA "
                          f"{_version(info['cuda_runtime'])})")
         return info
     if info["devices"] == 0:
@@ -75,7 +76,7 @@ def availability(name: str) -> tuple[bool, str]:
         raise ValueError(f"unknown transfer backend {name!r}; choose one of {BACKENDS}")
     if name == "cpu":
         return True, "plain synchronous copies"
-    cuda_ok, cuda_reason = _torch_cuda()
+    cuda_ok, cuda_reason, _ = _torch_cuda()
     if name == "torch":
         return cuda_ok, cuda_reason
     if name == "_C":
@@ -104,8 +105,8 @@ def choose_backend(requested: str | None = None) -> tuple[str, str]:
             continue
         ok, reason = availability(name)
         if ok:
-            return name, "; ".join([reason] + skipped)
-        skipped.append(f"not {name}: {reason}")
+            return name, "; ".join(skipped + [f"so {name}: {reason}" if skipped else reason])
+        skipped.append(f"{name} unusable: {reason}")
     raise AssertionError("unreachable: cpu is always available")
 
 

@@ -27,10 +27,15 @@ SmPartition::SmPartition(int64_t device, int64_t parts, int64_t min_sms) : devic
   const unsigned gran = std::max(1u, all.sm.smCoscheduledAlignment);
   unsigned want = min_sms > 0 ? static_cast<unsigned>(min_sms) : static_cast<unsigned>(total_sms_ / parts) / gran * gran;
   want = std::max(want, all.sm.minSmPartitionSize);
-  std::vector<CUdevResource> groups(static_cast<size_t>(parts));
-  unsigned made = static_cast<unsigned>(parts);
-  CUdevResource rest{};
-  ADRT_CU(ADRT_DRIVER(cuDevSmResourceSplitByCount, 12040)(groups.data(), &made, &all, &rest, 0, want));
+  std::vector<CUdevResource> groups;
+  unsigned made = 0;  // parts of >= `want` SMs the driver could make
+  if (static_cast<int64_t>(want) * parts <= total_sms_) {
+    made = static_cast<unsigned>(parts);
+    groups.resize(made);
+    CUdevResource rest{};
+    ADRT_CU(ADRT_DRIVER(cuDevSmResourceSplitByCount, 12040)(groups.data(), &made, &all, &rest, 0, want));
+    groups.resize(made);
+  }
   ADRT_ARG(made == static_cast<unsigned>(parts),
            "SmPartition: device " + std::to_string(device) + " has " + std::to_string(total_sms_) + " SMs; it splits into " +
                std::to_string(made) + " parts of >= " + std::to_string(want) + " SMs, not " + std::to_string(parts) +
