@@ -59,7 +59,11 @@ class CMakeBuild(build_ext):
 
     def build_extension(self, ext):
         out_dir = Path(self.get_ext_fullpath(ext.name)).resolve().parent
-        build_dir = Path(self.build_temp).resolve() / "cmake"
+        # A stable build folder (not pip's temporary one) keeps rebuilds incremental.
+        build_dir = ROOT / "build" / f"cmake-{sys.implementation.cache_tag}"
+        cache = build_dir / "CMakeCache.txt"
+        if cache.exists() and f"CMAKE_HOME_DIRECTORY:INTERNAL={ROOT}\n" not in cache.read_text():
+            shutil.rmtree(build_dir)  # configured for another checkout: start afresh
         build_dir.mkdir(parents=True, exist_ok=True)
         import pybind11
 
@@ -72,7 +76,7 @@ class CMakeBuild(build_ext):
         ]
         if os.environ.get("ASYNCDIFF_RT_CUDA_ARCHS"):
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={os.environ['ASYNCDIFF_RT_CUDA_ARCHS']}")
-        if shutil.which("ninja") and not (build_dir / "CMakeCache.txt").exists():
+        if shutil.which("ninja") and not cache.exists():
             args.append("-GNinja")
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL") or str(os.cpu_count() or 1)
         subprocess.run(["cmake", "-S", str(ROOT), "-B", str(build_dir), *args], check=True)
