@@ -9,7 +9,7 @@ NCDHW, and the (B, C, F, H, W) views that video UNets permute out of
 Three launches, so that every SM has work even at batch 1 (one program per
 group would leave most of an H100 idle):
   1. `_stats_kernel`: per tile, each channel's mean and centred sum of squares;
-  2. `_combine_kernel`: per (n, group), merges the tiles (Chan et al.) into mean, rstd;
+  2. `_combine_kernel`: per (n, block of groups), merges the tiles (Chan et al.) into mean, rstd;
   3. `_apply_kernel`: per tile, normalise, scale, shift, SiLU, store.
 Statistics are in fp32 whatever the input dtype; partials are centred per tile
 so no E[x^2] - E[x]^2 cancellation.
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._runtime import LazyKernel, check_device_or_raise, interpreting, next_pow2
+from ._runtime import LazyKernel, check_device_or_raise, next_pow2
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -50,40 +50,40 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, T, P, C, s_n, s_c, s_t, s_p,
 
 def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblocks, eps,
                     CPG: tl.constexpr, S_BLOCK: tl.constexpr,
-                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr):
-    # One program per (n, group); rows r = (t, s-block) of the partials, columns = channels of the group.
-    pid = tl.program_id(0)
-    n = pid // G
-    g = pid % G
+                    BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
+    # One program per (n, block of groups): tiles [rows (t, s-block), groups, channels of a group].
+    n = tl.program_id(0)
+    g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
+    j = tl.arange(0, BLOCK_J)[None, None, :]
+    col_ok = (g < G) & (j < CPG)
+    col = g * CPG + j
     rows = T * n_sblocks
-    cols = tl.arange(0, BLOCK_G)
-    col_ok = cols < CPG
     row0 = n.to(tl.int64) * rows
     total = (CPG * T).to(tl.float32) * P
 
-    acc = tl.zeros([BLOCK_R, BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
+        r = r0 + tl.arange(0, BLOCK_R)[:, None, None]
         cnt = tl.minimum(P - (r % n_sblocks) * S_BLOCK, S_BLOCK).to(tl.float32)
-        mask = (r < rows)[:, None] & col_ok[None, :]
-        offs = (row0 + r)[:, None] * C + (g * CPG + cols)[None, :]
-        m = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
-        acc += tl.where(mask, m * cnt[:, None], 0.0)
-    mean = tl.sum(tl.sum(acc, axis=1), axis=0) / total
+        mask = (r < rows) & col_ok
+        m = tl.load(pmean_ptr + (row0 + r) * C + col, mask=mask, other=0.0)
+        acc += tl.sum(tl.sum(m * cnt, axis=2), axis=0)
+    mean = acc / total
 
-    acc = tl.zeros([BLOCK_R, BLOCK_G], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     for r0 in range(0, rows, BLOCK_R):
-        r = r0 + tl.arange(0, BLOCK_R)
+        r = r0 + tl.arange(0, BLOCK_R)[:, None, None]
         cnt = tl.minimum(P - (r % n_sblocks) * S_BLOCK, S_BLOCK).to(tl.float32)
-        mask = (r < rows)[:, None] & col_ok[None, :]
-        offs = (row0 + r)[:, None] * C + (g * CPG + cols)[None, :]
+        mask = (r < rows) & col_ok
+        offs = (row0 + r) * C + col
         m = tl.load(pmean_ptr + offs, mask=mask, other=0.0)
         m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
-        dm = m - mean
-        acc += tl.where(mask, m2 + cnt[:, None] * dm * dm, 0.0)
-    var = tl.sum(tl.sum(acc, axis=1), axis=0) / total
-    tl.store(mean_ptr + pid, mean)
-    tl.store(rstd_ptr + pid, 1.0 / tl.sqrt(var + eps))
+        dm = m - mean[None, :, None]
+        acc += tl.sum(tl.sum(tl.where(mask, m2 + cnt * dm * dm, 0.0), axis=2), axis=0)
+    var = acc / total
+    g1 = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
+    tl.store(mean_ptr + n * G + g1, mean, mask=g1 < G)
+    tl.store(rstd_ptr + n * G + g1, 1.0 / tl.sqrt(var + eps), mask=g1 < G)
 
 
 def _apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, T, P, C, G,
@@ -155,8 +155,11 @@ def _is_dense(x: torch.Tensor) -> bool:
 
 
 def pick_blocks(C: int, P: int, channels_fast: bool) -> tuple[int, int, int]:
-    """(BLOCK_C, BLOCK_S, num_warps): tiles of ~4K elements (1K in the interpreter), fast axis first."""
-    budget = 1024 if interpreting() else 4096
+    """(BLOCK_C, BLOCK_S, num_warps): tiles of up to 4K elements, the contiguous axis first.
+
+    One rule for the GPU and the interpreter (no autotuning); large tiles also keep
+    the interpreter fast, since its cost is per operation rather than per element."""
+    budget = 4096
     if channels_fast:
         block_c = min(next_pow2(C), 128)
         block_s = max(1, min(next_pow2(P), budget // block_c))
@@ -201,10 +204,12 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     rstd = torch.empty_like(mean)
     _stats[grid](x, pmean, pm2, T, P, C, s_n, s_c, s_t, s_p,
                  BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
-    block_g = next_pow2(cpg)
-    block_r = max(1, min(next_pow2(T * n_sblocks), 2048 // block_g))
-    _combine[(N * num_groups,)](pmean, pm2, mean, rstd, num_groups, C, T, P, n_sblocks, float(eps),
-                                CPG=cpg, S_BLOCK=block_s, BLOCK_R=block_r, BLOCK_G=block_g, num_warps=4)
+    block_j = next_pow2(cpg)
+    block_g = min(next_pow2(num_groups), max(1, 1024 // block_j))
+    block_r = max(1, min(next_pow2(T * n_sblocks), 4096 // (block_g * block_j)))
+    _combine[(N, triton.cdiv(num_groups, block_g))](
+        pmean, pm2, mean, rstd, num_groups, C, T, P, n_sblocks, float(eps),
+        CPG=cpg, S_BLOCK=block_s, BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_J=block_j, num_warps=4)
     _apply[grid](x, y, weight if weight is not None else x, bias if bias is not None else x,
                  mean, rstd, T, P, C, num_groups, s_n, s_c, s_t, s_p,
                  CPG=cpg, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),

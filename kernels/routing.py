@@ -122,24 +122,28 @@ def apply(denoiser: nn.Module) -> KernelRouting:
     routing = KernelRouting(denoiser)
     passthrough: set[int] = set()
 
-    def fuse(norm, act, path):
-        routing._route(norm, _norm_silu, f"{path} (GroupNorm+SiLU)")
+    def at(path, attr):
+        return f"{path}.{attr}" if path else attr
+
+    def fuse(owner, path, norm_attr, act_attr):
+        routing._route(getattr(owner, norm_attr), _norm_silu, f"{at(path, norm_attr)} (GroupNorm+SiLU)")
+        act = getattr(owner, act_attr)
         if id(act) not in passthrough:
             passthrough.add(id(act))
-            routing._route(act, _act_passthrough, f"{path} (SiLU after a fused norm)")
+            routing._route(act, _act_passthrough, f"{at(path, act_attr)} (SiLU, passes fused outputs through)")
 
     for path, m in denoiser.named_modules():
         cls = type(m).__name__
         if cls in _RESNETS and isinstance(m.norm1, nn.GroupNorm) and _is_silu(m.nonlinearity):
-            fuse(m.norm1, m.nonlinearity, f"{path}.norm1")
+            fuse(m, path, "norm1", "nonlinearity")
             if getattr(m, "time_embedding_norm", "default") == "default":
-                fuse(m.norm2, m.nonlinearity, f"{path}.norm2")
+                fuse(m, path, "norm2", "nonlinearity")
             else:  # scale-shift between norm2 and the SiLU
-                routing._route(m.norm2, _norm_only, f"{path}.norm2 (GroupNorm)")
+                routing._route(m.norm2, _norm_only, f"{at(path, 'norm2')} (GroupNorm)")
         elif cls in _TRANSFORMERS and isinstance(getattr(m, "norm", None), nn.GroupNorm):
-            routing._route(m.norm, _norm_only, f"{path}.norm (GroupNorm)")
+            routing._route(m.norm, _norm_only, f"{at(path, 'norm')} (GroupNorm)")
         if isinstance(getattr(m, "conv_norm_out", None), nn.GroupNorm) and _is_silu(getattr(m, "conv_act", None)):
-            fuse(m.conv_norm_out, m.conv_act, f"{path}.conv_norm_out".lstrip("."))
+            fuse(m, path, "conv_norm_out", "conv_act")
     _routings[denoiser] = routing
     logger.info("asyncdiff_rt.kernels.apply: %d GroupNorm sites routed in %s",
                 sum("GroupNorm" in r for r in routing.routed), type(denoiser).__name__)
