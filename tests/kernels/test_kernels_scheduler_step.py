@@ -59,8 +59,9 @@ SCHEDULERS = {
 def _prediction(latents, t, k):
     """A stand-in for the batched UNet output: depends on the latents and the step, (2B, ...)."""
     gen = torch.Generator().manual_seed(1000 + k)
-    u = torch.tanh(0.5 * latents.float() + torch.randn(latents.shape, generator=gen))
-    c = torch.tanh(0.7 * latents.float() + torch.randn(latents.shape, generator=gen) + float(t) / 1000)
+    noise = torch.randn((2, *latents.shape), generator=gen).to(latents.device)
+    u = torch.tanh(0.5 * latents.float() + noise[0])
+    c = torch.tanh(0.7 * latents.float() + noise[1] + float(t) / 1000)
     return torch.cat([u, c]).to(latents.dtype)
 
 
