@@ -99,6 +99,16 @@ void check_device_exists(int64_t device, const char* what) {
                                std::to_string(count) + " visible)");
 }
 
+std::pair<uint64_t, uint64_t> allocation_range(uint64_t ptr) {
+  CUdeviceptr base = 0;
+  size_t size = 0;
+  ADRT_CU(ADRT_DRIVER(cuPointerGetAttribute, 4000)(&base, CU_POINTER_ATTRIBUTE_RANGE_START_ADDR,
+                                                   static_cast<CUdeviceptr>(ptr)));
+  ADRT_CU(ADRT_DRIVER(cuPointerGetAttribute, 4000)(&size, CU_POINTER_ATTRIBUTE_RANGE_SIZE,
+                                                   static_cast<CUdeviceptr>(ptr)));
+  return {static_cast<uint64_t>(base), static_cast<uint64_t>(size)};
+}
+
 void check_device_range(uint64_t ptr, int64_t nbytes, int64_t device, const char* what) {
   cudaPointerAttributes attr{};
   ADRT_CUDA(cudaPointerGetAttributes(&attr, reinterpret_cast<const void*>(ptr)));
@@ -108,9 +118,8 @@ void check_device_range(uint64_t ptr, int64_t nbytes, int64_t device, const char
                "; pass a device allocation");
   ADRT_ARG(attr.device == device, who + " lives on device " + std::to_string(attr.device) +
                                       ", not the stated device " + std::to_string(device));
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  ADRT_CU(ADRT_DRIVER(cuMemGetAddressRange, 3020)(&base, &size, static_cast<CUdeviceptr>(ptr)));
+  DeviceGuard guard(static_cast<int>(device));  // a current context for the driver query
+  const auto [base, size] = allocation_range(ptr);
   ADRT_ARG(ptr + static_cast<uint64_t>(nbytes) <= base + size,
            who + " + " + std::to_string(nbytes) + " bytes runs past its allocation (" +
                std::to_string(base + size - ptr) + " bytes left)");

@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace adrt {
 
@@ -74,6 +75,8 @@ class DeviceGuard {
 void check_ordinal(int64_t device, const char* what);
 // Needs the driver: ordinal < device count.
 void check_device_exists(int64_t device, const char* what);
+// (base, size) of the allocation holding `ptr`.
+std::pair<uint64_t, uint64_t> allocation_range(uint64_t ptr);
 // `ptr` .. `ptr + nbytes` is device memory of `device`, inside one allocation.
 void check_device_range(uint64_t ptr, int64_t nbytes, int64_t device, const char* what);
 // Makes a stream's own context current for a scope (a device's primary

@@ -78,7 +78,7 @@ void SmPartition::close() {
   ctxs.swap(green_ctxs_);
   sm_counts_.clear();
   for (uint64_t s : streams) {
-    ADRT_CUDA(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(s)));
+    ADRT_CU(ADRT_DRIVER(cuStreamSynchronize, 2000)(reinterpret_cast<CUstream>(s)));
     ADRT_CU(ADRT_DRIVER(cuStreamDestroy, 4000)(reinterpret_cast<CUstream>(s)));
   }
   for (void* g : ctxs) ADRT_CU(ADRT_DRIVER(cuGreenCtxDestroy, 12040)(static_cast<CUgreenCtx>(g)));

@@ -45,10 +45,8 @@ IpcExport ipc_export(uint64_t ptr, int64_t device) {
   check_ordinal(device, "ipc_export");
   check_device_exists(device, "ipc_export");
   check_device_range(ptr, 1, device, "ipc_export");
-  CUdeviceptr base = 0;
-  size_t size = 0;
-  ADRT_CU(ADRT_DRIVER(cuMemGetAddressRange, 3020)(&base, &size, static_cast<CUdeviceptr>(ptr)));
   DeviceGuard guard(static_cast<int>(device));
+  const uint64_t base = allocation_range(ptr).first;  // handles name whole allocations
   cudaIpcMemHandle_t h;
   ADRT_CUDA(cudaIpcGetMemHandle(&h, reinterpret_cast<void*>(base)));
   return IpcExport{std::string(h.reserved, kIpcHandleBytes), static_cast<int64_t>(ptr - base)};
@@ -68,12 +66,12 @@ uint64_t ipc_open(const std::string& handle, int64_t offset, int64_t device) {
     DeviceGuard guard(static_cast<int>(device));
     void* p = nullptr;
     ADRT_CUDA(cudaIpcOpenMemHandle(&p, h, cudaIpcMemLazyEnablePeerAccess));
-    CUdeviceptr base = 0;
-    size_t size = 0;
-    CUresult r = ADRT_DRIVER(cuMemGetAddressRange, 3020)(&base, &size, reinterpret_cast<CUdeviceptr>(p));
-    if (r != CUDA_SUCCESS) {
+    uint64_t size = 0;
+    try {
+      size = allocation_range(reinterpret_cast<uint64_t>(p)).second;
+    } catch (...) {
       cudaIpcCloseMemHandle(p);
-      throw_cu("cuMemGetAddressRange", r, __FILE__, __LINE__);
+      throw;
     }
     it = cache().emplace(key, Mapping{reinterpret_cast<uint64_t>(p), size, 0}).first;
   }

@@ -102,7 +102,7 @@ def test_copy_batch_accepts_touching_ranges_and_shared_sources(C):
     except ValueError as e:  # on a GPU these fake pointers are rejected as foreign
         assert "not CUDA device memory" in str(e)
     except C.CudaError as e:
-        assert "cudaGetDeviceCount" in str(e)
+        assert "cudaGetDeviceCount" in str(e) or "cudaPointerGetAttributes" in str(e)
 
 
 @needs_ext
@@ -240,7 +240,7 @@ def test_copy_batch_rejects_foreign_pointers(C):
     with pytest.raises(ValueError, match="host memory"):
         C.copy_batch([(a.data_ptr(), 0, host.data_ptr(), 0, 16)], 0)
     with pytest.raises(ValueError, match="runs past its allocation"):
-        C.copy_batch([(a.data_ptr(), 0, a.data_ptr() + 512, 0, 1 << 40)], 0)
+        C.sm_probe(0, a.data_ptr(), 1 << 20, 0)  # 4 MB of output from a small block
     if torch.cuda.device_count() > 1:
         with pytest.raises(ValueError, match="lives on device 0, not the stated device 1"):
             C.copy_batch([(a.data_ptr(), 1, a.data_ptr() + 512, 0, 16)], 0)
