@@ -14,7 +14,6 @@ RESULTS="$(cd "$RESULTS" && pwd)"
 cd "$(dirname "$0")/.."
 PY="${PYTHON:-python}"
 BUDGET="${GPU_CHECK_BUDGET_S:-470}"  # whole script, seconds
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export ASYNCDIFF_RT_RESULTS_DIR="$RESULTS"
 FAILED=0
 SUMMARY="$RESULTS/summary.txt"
@@ -54,14 +53,21 @@ fi
 step build 240 bash -c 'ASYNCDIFF_RT_BUILD_EXT=1 "$0" -m pip install --no-build-isolation --no-deps -e . ||
   ASYNCDIFF_RT_BUILD_EXT=1 "$0" setup.py build_ext --inplace' "$PY"
 
+# Scripts outside the repo root find the package through the editable install,
+# or, after the in-place fallback, through PYTHONPATH.
+if ! (cd / && "$PY" -c 'import asyncdiff_rt' 2> /dev/null); then
+  export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 step backend_info 60 "$PY" -c 'import json, asyncdiff_rt.backend as b; print(json.dumps(b.backend_info(), indent=1))'
 
 step pytest_gpu 200 "$PY" -m pytest -m gpu -q -rs --junitxml="$RESULTS/pytest_gpu.xml"
 
+declare -A seen=()
 for bench in profiling/bench_transfer.py profiling/bench_kernels.py profiling/bench_*.py; do
-  [[ -f $bench ]] || continue
+  [[ -f $bench && -z ${seen[$bench]:-} ]] || continue  # the globs list some twice
+  seen[$bench]=1
   name="$(basename "$bench" .py)"
-  [[ -e "$RESULTS/$name.log" ]] && continue  # listed twice by the globs
   step "$name" 120 "$PY" "$bench"  # benches read ASYNCDIFF_RT_RESULTS_DIR
 done
 
