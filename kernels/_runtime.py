@@ -18,7 +18,7 @@ logger = logging.getLogger("asyncdiff_rt.kernels")
 
 try:
     import triton
-    import triton.language as tl  # noqa: F401  (re-exported for the kernel modules)
+    import triton.language as tl
 
     _IMPORT_ERROR: str | None = None
 except ImportError as exc:  # pragma: no cover - depends on the environment

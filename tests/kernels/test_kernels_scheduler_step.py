@@ -160,6 +160,21 @@ def test_stochastic_calls_go_to_diffusers():
     assert torch.equal(got, exp)
 
 
+def test_without_triton_runtime_the_step_is_diffusers_own(monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    s, ref = EulerDiscreteScheduler(**SD), EulerDiscreteScheduler(**SD)
+    for x in (s, ref):
+        x.set_timesteps(10)
+    install_fused_step(s)
+    lat = torch.randn(1, 4, 3, 5)
+    got = _loop(s, lat, "fused_guidance")
+    assert torch.equal(got, _loop(ref, lat, "diffusers"))
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        scheduler_step(lat, lat, StepCoefficients(1.0, -1.0, 0.0, 1.0))
+
+
 def test_refuses_unsupported_schedulers_clearly():
     with pytest.raises(TypeError, match="PNDMScheduler is not supported.*DDIMScheduler"):
         install_fused_step(PNDMScheduler(**SD))

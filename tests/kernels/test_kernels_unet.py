@@ -67,14 +67,20 @@ def test_autograd_calls_fall_back_to_torch(unet_and_inputs):
     assert _instance_forwards(unet) == []
 
 
-def test_without_triton_runtime_apply_changes_nothing(monkeypatch, caplog):
-    if torch.cuda.is_available():
-        pytest.skip("a CUDA device is present")
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+@pytest.mark.parametrize("missing", ["no_cuda", "no_triton"])
+def test_without_triton_runtime_apply_changes_nothing(monkeypatch, caplog, missing):
+    if missing == "no_cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is present")
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        expect = "TRITON_INTERPRET"
+    else:
+        monkeypatch.setattr("asyncdiff_rt.kernels._runtime._IMPORT_ERROR", "triton is not installed")
+        expect = "not installed"
     block = ResnetBlock2D(in_channels=8, out_channels=8, temb_channels=16, groups=4)
     with caplog.at_level("WARNING", logger="asyncdiff_rt.kernels"):
         routing = K.apply(block)
-    assert routing.routed == [] and "TRITON_INTERPRET" in routing.reason and "TRITON_INTERPRET" in caplog.text
+    assert routing.routed == [] and expect in routing.reason and expect in caplog.text
     assert _instance_forwards(block) == []
 
 
