@@ -251,6 +251,7 @@ def test_events_order_work_across_streams(C):
     _cuda_ext(C)
     src = torch.zeros(1 << 20, dtype=torch.int32, device="cuda:0")
     dst = torch.empty_like(src)
+    torch.cuda.synchronize()  # the zeros are written before the producer starts
     producer, consumer = torch.cuda.Stream(), torch.cuda.Stream()
     ev, t0, t1 = C.event_create(0), C.event_create(0, timing=True), C.event_create(0, timing=True)
     try:

@@ -16,6 +16,7 @@ static buffers can turn this off.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from typing import Iterable, Sequence
@@ -51,6 +52,12 @@ def _stream_for(pairs: Sequence[Pair], stream):
     if stream is not None or not pairs or pairs[0][0].device.type != "cuda":
         return stream
     return torch.cuda.current_stream(pairs[0][0].device)
+
+
+def _legacy_guard(stream):
+    """Handle 0 is the legacy default stream of whichever device is current, so
+    make the stream's device current for it; real streams carry their device."""
+    return torch.cuda.device(stream.device) if stream.cuda_stream == 0 else contextlib.nullcontext()
 
 
 class _HostEvent:
@@ -109,10 +116,14 @@ class _CEvent(_TorchEvent):
         self.handle = C.event_create(device.index, timing=timing)
 
     def record(self, stream=None):
-        self.C.event_record(self.handle, self._stream(stream).cuda_stream)
+        s = self._stream(stream)
+        with _legacy_guard(s):
+            self.C.event_record(self.handle, s.cuda_stream)
 
     def wait(self, stream=None):
-        self.C.stream_wait_event(self._stream(stream).cuda_stream, self.handle)
+        s = self._stream(stream)
+        with _legacy_guard(s):
+            self.C.stream_wait_event(s.cuda_stream, self.handle)
 
     def query(self):
         return self.C.event_query(self.handle)
@@ -210,7 +221,8 @@ class TransferEngine:
             entries.append((dst.data_ptr(), dst.device.index, src.data_ptr(), src.device.index,
                             dst.numel() * dst.element_size()))
         if self._C is not None:
-            self._C.copy_batch(entries, stream.cuda_stream)
+            with _legacy_guard(stream):
+                self._C.copy_batch(entries, stream.cuda_stream)
         else:
             self._cupy_copy(entries, stream)
 
