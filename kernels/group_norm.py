@@ -48,7 +48,7 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, T, P, C, s_n, s_c, s_t, s_p,
     tl.store(pm2_ptr + out, m2, mask=c_ok)
 
 
-def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblocks, eps,
+def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblocks, total, eps,
                     CPG: tl.constexpr, S_BLOCK: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
     # One program per (n, block of groups): tiles [rows (t, s-block), groups, channels of a group].
@@ -59,7 +59,6 @@ def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblock
     col = g * CPG + j
     rows = T * n_sblocks
     row0 = n.to(tl.int64) * rows
-    total = (CPG * T).to(tl.float32) * P
 
     acc = tl.zeros([BLOCK_G], dtype=tl.float32)
     for r0 in range(0, rows, BLOCK_R):
@@ -208,7 +207,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     block_g = min(next_pow2(num_groups), max(1, 1024 // block_j))
     block_r = max(1, min(next_pow2(T * n_sblocks), 4096 // (block_g * block_j)))
     _combine[(N, triton.cdiv(num_groups, block_g))](
-        pmean, pm2, mean, rstd, num_groups, C, T, P, n_sblocks, float(eps),
+        pmean, pm2, mean, rstd, num_groups, C, T, P, n_sblocks, float(cpg * T * P), float(eps),
         CPG=cpg, S_BLOCK=block_s, BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_J=block_j, num_warps=4)
     _apply[grid](x, y, weight if weight is not None else x, bias if bias is not None else x,
                  mean, rstd, T, P, C, num_groups, s_n, s_c, s_t, s_p,

@@ -71,6 +71,7 @@ def _norm_silu(self, x):
 
 def _act_passthrough(self, x):
     if getattr(x, _TAG, False):
+        delattr(x, _TAG)  # the SiLU is spent: a second call on the same tensor applies it again
         return x
     return type(self).forward(self, x)
 
