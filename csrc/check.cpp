@@ -129,14 +129,14 @@ StreamGuard::StreamGuard(uint64_t stream) {
   if (stream == 0) return;
   CUcontext ctx = nullptr;
   ADRT_CU(ADRT_DRIVER(cuStreamGetCtx, 9020)(reinterpret_cast<CUstream>(stream), &ctx));
+  auto pop = ADRT_DRIVER(cuCtxPopCurrent, 4000);
   ADRT_CU(ADRT_DRIVER(cuCtxPushCurrent, 4000)(ctx));
-  pushed_ = true;
+  pop_ = pop;
 }
 
 StreamGuard::~StreamGuard() {
-  if (!pushed_) return;
   CUcontext ctx = nullptr;
-  ADRT_DRIVER(cuCtxPopCurrent, 4000)(&ctx);  // best effort: destructors must not throw
+  if (pop_) pop_(&ctx);  // best effort: destructors must not throw
 }
 
 }  // namespace adrt

@@ -90,7 +90,7 @@ class StreamGuard {
   StreamGuard& operator=(const StreamGuard&) = delete;
 
  private:
-  bool pushed_ = false;
+  PFN_cuCtxPopCurrent_v4000 pop_ = nullptr;  // looked up before pushing: the destructor cannot throw
 };
 
 }  // namespace adrt
