@@ -26,6 +26,22 @@ class Partition:
     def loads(self, graph):
         return [sum(graph.unit(p).flops for p in paths) for paths in self.components]
 
+    def compact(self, component, all_paths):
+        """A component's units with whole modules named once ("down_blocks" for all four)."""
+        members, names, covered = set(self.components[component]), [], set()
+        for path in self.components[component]:
+            if path in covered:
+                continue
+            parts = path.split(".")
+            for depth in range(1, len(parts) + 1):
+                prefix = ".".join(parts[:depth])
+                under = [p for p in all_paths if p == prefix or p.startswith(prefix + ".")]
+                if all(p in members for p in under):
+                    names.append(prefix)
+                    covered.update(under)
+                    break
+        return names
+
 
 def resolve_partition(graph, n_components, spec, denoiser=None):
     """Turn `spec` into a Partition of `graph`'s units, or raise naming the fix."""

@@ -44,8 +44,9 @@ class Plan:
             "n_components": self.n_components, "stride": self.stride, "warmup": self.warmup,
             "devices": self.n_devices, "partition": self.partition.strategy,
             "components": [
-                {"units": list(paths), "gflops": load / 1e9, "share": load / total if total else 0.0}
-                for paths, load in zip(self.partition.components, loads)
+                {"units": list(paths), "modules": self.partition.compact(c, g.paths), "gflops": load / 1e9,
+                 "share": load / total if total else 0.0}
+                for c, (paths, load) in enumerate(zip(self.partition.components, loads))
             ],
             "shared_gflops": g.shared_flops / 1e9,
             "imbalance": max(loads) * len(loads) / sum(loads) if sum(loads) else 1.0,
@@ -59,14 +60,17 @@ class Plan:
         }
 
     def __str__(self):
-        s = self.summary()
+        return self.describe()
+
+    def describe(self, num_steps=50):
+        s = self.summary(num_steps)
         lines = [
             f"AsyncDiff plan: N={s['n_components']} S={s['stride']} W={s['warmup']} devices={s['devices']} "
             f"partition={s['partition']}"
         ]
         for c, comp in enumerate(s["components"]):
             lines.append(f"  component {c}: {comp['share']:6.1%} of FLOPs, {len(comp['units'])} units: "
-                         + ", ".join(comp["units"]))
+                         + ", ".join(comp["modules"]))
         lines.append(f"  shared (every device): {s['shared_gflops']:.2f} GFLOP; imbalance {s['imbalance']:.3f}")
         lines.append(f"  ideal speedup at K={s['num_steps']}: {s['ideal_speedup']:.2f}x  [{s['ideal_speedup_formula']}]")
         for d, (ours, ref) in enumerate(zip(s["bytes_per_step"], s["broadcast_bytes_per_step"])):

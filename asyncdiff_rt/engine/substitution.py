@@ -15,6 +15,10 @@ class CacheMiss(RuntimeError):
 
 class UnitSwitch:
     def __init__(self, denoiser, unit_paths):
+        if getattr(denoiser, "_asyncdiff_switch", None) is not None:
+            raise RuntimeError("this denoiser is already driven by an executor; remove that one first")
+        denoiser._asyncdiff_switch = self
+        self._denoiser = denoiser
         self._modules = {p: denoiser.get_submodule(p) for p in unit_paths}
         self._saved = {}
         self._active = None  # (compute set, cache mapping, record dict) during a forward
@@ -58,3 +62,4 @@ class UnitSwitch:
             else:
                 module.forward = saved
         self._modules, self._saved = {}, {}
+        self._denoiser._asyncdiff_switch = None
