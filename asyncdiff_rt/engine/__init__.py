@@ -4,9 +4,10 @@ from .reference import ReferenceExecutor
 EXECUTORS = {"reference": ReferenceExecutor}
 
 
-def make_executor(name, denoiser, plan):
+def make_executor(name, denoiser, plan, devices=None):
     """`name` is "auto" or a key of EXECUTORS; "auto" is the reference executor until the
-    multi-device executors land."""
+    multi-device executors land. `devices`: the plan's devices (None: the denoiser's own);
+    the reference executor runs on the denoiser's device whatever they are."""
     if name == "auto":
         name = "reference"
     if name not in EXECUTORS:

@@ -2,7 +2,7 @@
 import torch
 
 from ..async_denoiser import AsyncDenoiser
-from ..engine import make_executor
+from ..engine import EXECUTORS, make_executor
 from ..plan import make_plan
 from ..schedule import validate_settings
 from ..trace import unet_inputs
@@ -58,8 +58,10 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
             f"devices lists {len(devices)} devices, but n_components={n_components} with stride={stride} "
             f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices or pass devices=None"
         )
+    if executor != "auto" and executor not in EXECUTORS:
+        raise ValueError(f"executor={executor!r} is not available; choose 'auto' or one of {sorted(EXECUTORS)}")
     plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
-    runner = make_executor(executor, unet, plan)
+    runner = make_executor(executor, unet, plan, devices)
     wrapper = AsyncDenoiser(unet, plan, runner, lambda: pipe.scheduler)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__["unet"] = wrapper
