@@ -9,8 +9,10 @@ NCDHW, and the (B, C, F, H, W) views that video UNets permute out of
 Three launches, so that every SM has work even at batch 1 (one program per
 group would leave most of an H100 idle):
   1. `_stats_kernel`: per tile, each channel's mean and centred sum of squares;
-  2. `_combine_kernel`: per (n, block of groups), merges the tiles (Chan et al.) into mean, rstd;
-  3. `_apply_kernel`: per tile, normalise, scale, shift, SiLU, store.
+  2. `_combine_kernel`: per (n, block of groups), merges the tiles (Chan et al.) into
+     mean and rstd, and folds them with the affine weight and bias into a per-channel
+     scale and shift;
+  3. `_apply_kernel`: per tile, y = x * scale + shift, SiLU, store.
 Statistics are in fp32 whatever the input dtype; partials are centred per tile
 so no E[x^2] - E[x]^2 cancellation.
 """
@@ -48,10 +50,13 @@ def _stats_kernel(x_ptr, pmean_ptr, pm2_ptr, T, P, C, s_n, s_c, s_t, s_p,
     tl.store(pm2_ptr + out, m2, mask=c_ok)
 
 
-def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblocks, total, eps,
-                    CPG: tl.constexpr, S_BLOCK: tl.constexpr,
+def _combine_kernel(pmean_ptr, pm2_ptr, w_ptr, b_ptr, scale_ptr, shift_ptr, G, C, T, P, n_sblocks, total, eps,
+                    CPG: tl.constexpr, S_BLOCK: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                     BLOCK_R: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_J: tl.constexpr):
     # One program per (n, block of groups): tiles [rows (t, s-block), groups, channels of a group].
+    # Ends with the per-channel scale and shift (affine folded in), so the apply pass loads
+    # two contiguous vectors instead of gathering group statistics per element (which also
+    # kept Triton from vectorising channels-last tiles).
     n = tl.program_id(0)
     g = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[None, :, None]
     j = tl.arange(0, BLOCK_J)[None, None, :]
@@ -79,15 +84,23 @@ def _combine_kernel(pmean_ptr, pm2_ptr, mean_ptr, rstd_ptr, G, C, T, P, n_sblock
         m2 = tl.load(pm2_ptr + offs, mask=mask, other=0.0)
         dm = m - mean[None, :, None]
         acc += tl.sum(tl.sum(tl.where(mask, m2 + cnt * dm * dm, 0.0), axis=2), axis=0)
-    var = acc / total
-    g1 = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)
-    tl.store(mean_ptr + n * G + g1, mean, mask=g1 < G)
-    tl.store(rstd_ptr + n * G + g1, 1.0 / tl.sqrt(var + eps), mask=g1 < G)
+    rstd = 1.0 / tl.sqrt(acc / total + eps)
+
+    g2 = tl.program_id(1) * BLOCK_G + tl.arange(0, BLOCK_G)[:, None]
+    j2 = tl.arange(0, BLOCK_J)[None, :]
+    ch = g2 * CPG + j2
+    ok = (g2 < G) & (j2 < CPG)
+    scale = tl.broadcast_to(rstd[:, None], [BLOCK_G, BLOCK_J])
+    if HAS_WEIGHT:
+        scale = scale * tl.load(w_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    shift = -mean[:, None] * scale
+    if HAS_BIAS:
+        shift = shift + tl.load(b_ptr + ch, mask=ok, other=0.0).to(tl.float32)
+    tl.store(scale_ptr + n * C + ch, scale, mask=ok)
+    tl.store(shift_ptr + n * C + ch, shift, mask=ok)
 
 
-def _apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, T, P, C, G,
-                  s_n, s_c, s_t, s_p,
-                  CPG: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+def _apply_kernel(x_ptr, y_ptr, scale_ptr, shift_ptr, T, P, C, s_n, s_c, s_t, s_p,
                   SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
     pid_nt = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -101,15 +114,8 @@ def _apply_kernel(x_ptr, y_ptr, w_ptr, b_ptr, mean_ptr, rstd_ptr, T, P, C, G,
     base = n.to(tl.int64) * s_n + t.to(tl.int64) * s_t
     offs = base + c.to(tl.int64)[:, None] * s_c + p.to(tl.int64)[None, :] * s_p
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    stat = n * G + c // CPG
-    scale = tl.load(rstd_ptr + stat, mask=c_ok, other=0.0)
-    shift = -tl.load(mean_ptr + stat, mask=c_ok, other=0.0) * scale
-    if HAS_WEIGHT:
-        w = tl.load(w_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
-        scale = scale * w
-        shift = shift * w
-    if HAS_BIAS:
-        shift = shift + tl.load(b_ptr + c, mask=c_ok, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + n * C + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + n * C + c, mask=c_ok, other=0.0)
     y = x * scale[:, None] + shift[:, None]
     if SILU:
         y = y * tl.sigmoid(y)
@@ -199,20 +205,20 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
 
     pmean = torch.empty((N * T * n_sblocks, C), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
-    mean = torch.empty((N, num_groups), device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    scale = torch.empty((N, C), device=x.device, dtype=torch.float32)
+    shift = torch.empty_like(scale)
     _stats[grid](x, pmean, pm2, T, P, C, s_n, s_c, s_t, s_p,
                  BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
     block_j = next_pow2(cpg)
     block_g = min(next_pow2(num_groups), max(1, 1024 // block_j))
     block_r = max(1, min(next_pow2(T * n_sblocks), 4096 // (block_g * block_j)))
     _combine[(N, triton.cdiv(num_groups, block_g))](
-        pmean, pm2, mean, rstd, num_groups, C, T, P, n_sblocks, float(cpg * T * P), float(eps),
-        CPG=cpg, S_BLOCK=block_s, BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_J=block_j, num_warps=4)
-    _apply[grid](x, y, weight if weight is not None else x, bias if bias is not None else x,
-                 mean, rstd, T, P, C, num_groups, s_n, s_c, s_t, s_p,
-                 CPG=cpg, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=bool(silu),
-                 BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
+        pmean, pm2, weight if weight is not None else pmean, bias if bias is not None else pmean, scale, shift,
+        num_groups, C, T, P, n_sblocks, float(cpg * T * P), float(eps),
+        CPG=cpg, S_BLOCK=block_s, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
+        BLOCK_R=block_r, BLOCK_G=block_g, BLOCK_J=block_j, num_warps=4)
+    _apply[grid](x, y, scale, shift, T, P, C, s_n, s_c, s_t, s_p,
+                 SILU=bool(silu), BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
     return y
 
 
