@@ -76,10 +76,20 @@ class LazyKernel:
 @functools.cache
 def _compiled_stdlib() -> dict:
     """Interpreted twins of the `triton.language` functions that were jit-compiled at import."""
-    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.interpreter import InterpretedFunction, _patch_lang
     from triton.runtime.jit import JITFunction
 
-    return {name: InterpretedFunction(obj.fn) for name, obj in vars(tl).items() if isinstance(obj, JITFunction)}
+    class Twin(InterpretedFunction):
+        # As InterpretedFunction.__call__, but undoing its language patches afterwards, so
+        # that a later real compile in the same process (the compile tests) sees plain Triton.
+        def __call__(self, *args, **kwargs):
+            scope = _patch_lang(self.fn)
+            try:
+                return self.rewrite()(*args, **kwargs)
+            finally:
+                scope.restore()
+
+    return {name: Twin(obj.fn) for name, obj in vars(tl).items() if isinstance(obj, JITFunction)}
 
 
 def _launch_with_interpreted_stdlib(launch, *args, **kwargs):

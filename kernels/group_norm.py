@@ -203,10 +203,11 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     n_sblocks = triton.cdiv(P, block_s)
     grid = (N * T, n_sblocks, triton.cdiv(C, block_c))
 
-    pmean = torch.empty((N * T * n_sblocks, C), device=x.device, dtype=torch.float32)
-    pm2 = torch.empty_like(pmean)
-    scale = torch.empty((N, C), device=x.device, dtype=torch.float32)
-    shift = torch.empty_like(scale)
+    # one fp32 workspace (one allocation per call): partial means and M2s, then scale and shift
+    parts = N * T * n_sblocks * C
+    work = torch.empty(2 * parts + 2 * N * C, device=x.device, dtype=torch.float32)
+    pmean, pm2 = work[:parts], work[parts:2 * parts]
+    scale, shift = work[2 * parts:2 * parts + N * C], work[2 * parts + N * C:]
     _stats[grid](x, pmean, pm2, T, P, C, s_n, s_c, s_t, s_p,
                  BLOCK_C=block_c, BLOCK_S=block_s, num_warps=warps)
     block_j = next_pow2(cpg)
