@@ -21,8 +21,10 @@ Triton cannot reach, go to diffusers' own step (after a torch guidance combine).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
+import types
 
 import torch
 
@@ -236,17 +238,18 @@ class FusedStepHandle:
         return f"FusedStepHandle({type(self.scheduler).__name__})"
 
 
-def install_fused_step(scheduler) -> FusedStepHandle:
-    """Replace `scheduler.step` on this instance by the fused step (see the module docstring)."""
-    _rule_for(scheduler)  # refuse unsupported schedulers now, not at the first step
-    uninstall_fused_step(scheduler)
-    sig = inspect.signature(type(scheduler).step.__get__(scheduler))
+@functools.cache
+def _fused_method(cls):
+    """The replacement `step` for one scheduler class, to be bound to an instance (a bound
+    method, not a closure, so `copy.deepcopy(scheduler)` rebinds it to the copy)."""
+    sig = inspect.signature(cls.step)
 
-    def step(*args, guidance_scale: float | None = None, **kwargs):
-        bound = sig.bind(*args, **kwargs)
+    def step(self, *args, guidance_scale: float | None = None, **kwargs):
+        bound = sig.bind(self, *args, **kwargs)
         bound.apply_defaults()
         a = dict(bound.arguments)
-        return fused_guided_step(scheduler, a.pop("model_output"), a.pop("timestep"), a.pop("sample"),
+        a.pop(next(iter(sig.parameters)))  # self
+        return fused_guided_step(self, a.pop("model_output"), a.pop("timestep"), a.pop("sample"),
                                  guidance_scale=guidance_scale, **a)
 
     # pipelines inspect step's parameters to decide whether to pass eta / generator
@@ -254,13 +257,20 @@ def install_fused_step(scheduler) -> FusedStepHandle:
     params = list(sig.parameters.values())
     cut = next((k for k, p in enumerate(params) if p.kind == p.VAR_KEYWORD), len(params))
     step.__signature__ = sig.replace(parameters=params[:cut] + [extra] + params[cut:])
-    step.__doc__ = f"Fused {type(scheduler).__name__}.step (asyncdiff_rt.kernels); extra: guidance_scale."
+    step.__doc__ = f"Fused {cls.__name__}.step (asyncdiff_rt.kernels); extra: guidance_scale."
     setattr(step, _MARK, True)
-    scheduler.step = step
+    return step
+
+
+def install_fused_step(scheduler) -> FusedStepHandle:
+    """Replace `scheduler.step` on this instance by the fused step (see the module docstring)."""
+    _rule_for(scheduler)  # refuse unsupported schedulers now, not at the first step
+    scheduler.step = types.MethodType(_fused_method(type(scheduler)), scheduler)
     return FusedStepHandle(scheduler)
 
 
 def uninstall_fused_step(scheduler) -> None:
     """Undo `install_fused_step`; does nothing if it was not installed."""
-    if getattr(scheduler.__dict__.get("step"), _MARK, False):
+    step = scheduler.__dict__.get("step")
+    if getattr(getattr(step, "__func__", None), _MARK, False):
         del scheduler.__dict__["step"]

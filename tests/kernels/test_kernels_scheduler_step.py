@@ -1,4 +1,5 @@
 """The fused guided step: kernel against its torch reference, and 20-step loops against diffusers."""
+import copy
 import inspect
 
 import pytest
@@ -143,6 +144,8 @@ def test_install_keeps_the_signature_pipelines_inspect_and_uninstalls():
     handle = install_fused_step(s)
     params = inspect.signature(s.step).parameters
     assert {"eta", "generator", "return_dict", "guidance_scale"} <= set(params)
+    twin = copy.deepcopy(s)  # the fused step follows the copy, not the original
+    assert twin.step.__self__ is twin
     handle.remove()
     assert "step" not in s.__dict__
     uninstall_fused_step(s)  # a second removal does nothing
