@@ -101,7 +101,7 @@ setup(
         "asyncdiff_rt.models": [f"weights/**/*.{ext}" for ext in ("safetensors", "json", "txt")],
     },
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "diffusers>=0.30", "numpy"],
+    install_requires=["torch>=2.4", "diffusers>=0.30", "transformers>=4.40", "safetensors", "numpy"],
     entry_points={"console_scripts": ["asyncdiff-rt=asyncdiff_rt.cli:main"]},
     ext_modules=[CMakeExtension("asyncdiff_rt._C")] if BUILD_EXT else [],
     cmdclass={"build_ext": CMakeBuild} if BUILD_EXT else {},
