@@ -1,15 +1,26 @@
 """Executors: they run a program and differ only in how they move tensors and launch work."""
+from .devices import lists_gpus
+from .local import LocalExecutor
 from .reference import ReferenceExecutor
 
-EXECUTORS = {"reference": ReferenceExecutor}
+EXECUTORS = {"reference": ReferenceExecutor, "local": LocalExecutor}
 
 
-def make_executor(name, denoiser, plan, devices=None):
-    """`name` is "auto" or a key of EXECUTORS; "auto" is the reference executor until the
-    multi-device executors land. `devices`: the plan's devices (None: the denoiser's own);
-    the reference executor runs on the denoiser's device whatever they are."""
+def resolve_executor(name, devices=None):
+    """The executor `name` stands for: "auto" is `local` when the listed devices are GPUs
+    (or virtual devices on one), else `reference`."""
     if name == "auto":
-        name = "reference"
+        return "local" if lists_gpus(devices) else "reference"
     if name not in EXECUTORS:
         raise ValueError(f"executor={name!r} is not available; choose 'auto' or one of {sorted(EXECUTORS)}")
-    return EXECUTORS[name](denoiser, plan)
+    return name
+
+
+def make_executor(name, denoiser, plan, devices=None, **options):
+    """`name` is "auto" or a key of EXECUTORS. `devices`: the plan's devices (None: the
+    denoiser's own); the reference executor runs on the denoiser's device whatever they
+    are. `options` go to the executor (local: graphs=True, backend=None, debug=False)."""
+    name = resolve_executor(name, devices)
+    if name == "reference":
+        return ReferenceExecutor(denoiser, plan)
+    return EXECUTORS[name](denoiser, plan, devices=devices, **options)

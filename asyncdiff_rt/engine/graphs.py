@@ -1,0 +1,81 @@
+"""CUDA graphs keyed by an explicit tuple: (device role, phase, buffer slot, input layout).
+
+The first run of a key is eager (the warm-up outside capture, and its result is used);
+the graph is captured right after it on the device's own stream and replayed from then
+on. Graphs of one (device, slot) share a memory pool: they run one after the other on
+that device's stream, and the executor never needs a graph's outputs after the next
+graph of the same pool has replayed. Devices never share a pool, since their streams
+run at the same time. Off the GPU, or with `enabled=False`, every run is eager.
+"""
+import contextlib
+import logging
+
+import torch
+import torch.utils._pytree as pytree
+
+log = logging.getLogger(__name__)
+
+
+class _Captured:
+    def __init__(self, graph, outputs, inputs):
+        self.graph, self.outputs, self.inputs = graph, outputs, inputs
+
+
+class GraphCache:
+    def __init__(self, enabled=True, debug=False):
+        self.enabled = enabled
+        self.debug = debug  # check that captured input addresses have not moved
+        self._graphs = {}
+        self._pools = {}
+        self.captures = 0
+
+    def __len__(self):
+        return len(self._graphs)
+
+    def run(self, key, pool, stream, fn, inputs=()):
+        """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
+        `pool` its memory pool; `inputs`: the static tensors fn reads (for the debug check)."""
+        entry = self._graphs.get(key)
+        if entry is not None:
+            if self.debug:
+                moved = [i for i, t in enumerate(inputs) if t.data_ptr() != entry.inputs[i]]
+                assert not moved, f"graph {key}: static inputs {moved} moved since capture"
+            with torch.cuda.stream(stream):
+                entry.graph.replay()
+            return entry.outputs
+        with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
+            out = fn()
+        if self.enabled and stream is not None and not torch.is_grad_enabled():
+            self._graphs[key] = self._capture(key, pool, stream, fn, inputs)
+        return out
+
+    def _capture(self, key, pool, stream, fn, inputs):
+        if pool not in self._pools:
+            self._pools[pool] = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        log.debug("capturing graph %s", key)
+        stream.synchronize()  # the eager run was the warm-up; capture starts on an idle stream
+        with torch.cuda.stream(stream):
+            graph.capture_begin(pool=self._pools[pool])
+            try:
+                outputs = fn()
+            except BaseException:
+                with contextlib.suppress(Exception):  # the capture is void; keep the first error
+                    graph.capture_end()
+                raise
+            graph.capture_end()
+        self.captures += 1
+        return _Captured(graph, outputs, [t.data_ptr() for t in inputs])
+
+    def drop(self, match):
+        """Forget the graphs whose key satisfies `match(key)` (e.g. an old input layout)."""
+        for key in [k for k in self._graphs if match(k)]:
+            del self._graphs[key]
+
+    def clear(self):
+        self._graphs.clear()
+        self._pools.clear()
+
+
+def outputs_nbytes(tree):
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))

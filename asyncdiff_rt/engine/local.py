@@ -1,0 +1,325 @@
+"""The local executor: one process drives every device of the program.
+
+Devices are GPUs, virtual devices on one GPU (a stream or an SM partition each) or the
+CPU, where streams and events are no-ops and every line below still runs (devices.py).
+Each device holds a replica with the weights of its own units and the shared modules
+(replica.py); warm-up forwards run on the original denoiser on the pipeline's device
+(the "whole" lane), and their commit is sent from there like any other. Caches and
+latents are static, double-buffered tensors (buffers.py); forwards replay CUDA graphs
+(graphs.py). The Sends of step k+1 are issued right after the forwards of step k, on
+the producer's copy stream, ordered by events: a send waits for the forward that made
+its data and for the receiver's forward that last read the slot it overwrites; a
+forward waits for the sends into its slot and for the copies that read its outputs of
+two forwards ago. Nothing waits on the host in steady state.
+"""
+import logging
+from collections import OrderedDict
+
+import torch
+import torch.utils._pytree as pytree
+
+from ..schedule import Emit, Forward, Send, SendLatent
+from .buffers import SLOTS, DeviceBuffers, buffer_plan
+from .devices import LocalDevice, count_devices, open_devices
+from .graphs import GraphCache
+from .replica import Replica, call_layout, replicate, weight_bytes
+from .stats import ExecutorStats
+from .transfer import TransferEngine
+
+log = logging.getLogger(__name__)
+MAX_LAYOUTS = 3  # input layouts (resolutions, dtypes) whose buffers and graphs are kept
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else _Null()
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _specs(tree):
+    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+
+
+class LocalExecutor:
+    name = "local"
+
+    def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None, debug=False):
+        self.plan = plan
+        self.home = next(denoiser.parameters()).device
+        n = plan.n_devices
+        devices = devices if devices is not None else f"{self.home}*{n}"
+        if count_devices(devices) != n:
+            raise ValueError(f"devices {devices!r} name {count_devices(devices)} devices; this plan runs on "
+                             f"n_components + stride - 1 = {n}")
+        if getattr(denoiser, "_asyncdiff_switch", None) is not None:
+            raise RuntimeError("this denoiser is already driven by an executor; remove that one first")
+        self._devices = open_devices(devices)
+        cuda = self.home.type == "cuda"
+        whole = LocalDevice("whole", self.home, *(torch.cuda.Stream(self.home) for _ in range(2)) if cuda else ())
+        self.lanes = self._devices.devices + [whole]  # lane n: warm-up forwards on the original
+        self.whole = n
+        paths, comps = plan.graph.paths, plan.partition.components
+        self.replicas = []
+        for d, lane in enumerate(self._devices.devices):
+            own = comps[min(d, plan.n_components - 1)]
+            module = replicate(denoiser, [p for p in paths if p not in own], lane.device)
+            self.replicas.append(Replica(module, paths, own, lane.device))
+        self.replicas.append(Replica(denoiser, paths, paths, self.home))
+        gpus = sorted({lane.device.index for lane in self.lanes if lane.device.type == "cuda"})
+        self.engine = TransferEngine(backend if backend or gpus else "cpu", devices=gpus, record_streams=False)
+        self._input_stream = torch.cuda.Stream(self.home) if cuda else None
+        self.graphs = GraphCache(enabled=graphs, debug=debug)
+        self.stats = ExecutorStats(n)
+        self._buffer_plan = None
+        self._layouts = OrderedDict()  # unit output specs -> [DeviceBuffers per device]
+        self._whole_latents = {}
+        ev = self.engine.event
+        self._ready, self._inputs = ev(self.home), ev(self.home)
+        self._done = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # forward that read a slot
+        self._read = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # copies of its outputs
+        self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
+        self._program = None
+
+    # ---------------------------------------------------------------- generation
+    def start(self, program, timesteps):
+        if self._buffer_plan is None:
+            self._buffer_plan = buffer_plan(self.plan, program)
+        self._program, self._timesteps = program, timesteps
+        self._rounds = [0] * len(self.lanes)
+        self._pending = [[] for _ in self.lanes]
+        self._committed, self._issued = {}, set()
+        self._buffers = self._bkey = self._tables = self._emit_spec = self._previous = None
+        for replica in self.replicas:
+            replica.forgot()
+
+    def step(self, k, call):
+        if self._program is None:
+            raise RuntimeError("no generation is running (an earlier step failed); start a new one")
+        try:
+            return self._step(k, call)
+        except BaseException:
+            self._abandon()
+            raise
+
+    def _step(self, k, call):
+        program = self._program
+        step = program.steps[k]
+        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
+        self._layout = call_layout(call)
+        if self._tables is None:
+            self._tables = self._timestep_tables(call)
+        self._ready.record(self._pipeline_stream())
+        for ins in step.instructions:
+            try:
+                handler = self._handlers[type(ins)]
+            except KeyError:
+                raise TypeError(f"the local executor cannot run {ins!r}") from None
+            handler(ins)
+        if k + 1 < program.num_steps and self._buffers is not None:
+            self._issue_sends(k + 1)  # as soon as the producing forwards are queued
+        self.stats.steps[step.phase] += 1
+        self._previous = self._emitted
+        return self._emitted
+
+    def _abandon(self):
+        """After an error: end the generation and let queued work finish, so that the
+        next call starts from quiet devices (a failed capture was already closed)."""
+        self._program = None
+        for lane in self.lanes:
+            for stream in (lane.stream, lane.copy_stream):
+                if stream is not None:
+                    try:
+                        stream.synchronize()
+                    except Exception:  # a broken stream reports its own error at next use
+                        log.exception("synchronising %s after a failed step", lane.name)
+
+    def _timestep_tables(self, call):
+        if isinstance(call.timestep, torch.Tensor):
+            steps = torch.as_tensor(self._timesteps)
+            return [steps.to(device=lane.device, dtype=call.timestep.dtype) for lane in self.lanes]
+        values = [v.item() if isinstance(v, torch.Tensor) else v for v in self._timesteps]
+        return [values] * len(self.lanes)
+
+    def _pipeline_stream(self):
+        return torch.cuda.current_stream(self.home) if self.home.type == "cuda" else None
+
+    # ---------------------------------------------------------------- instructions
+    def _send(self, ins):
+        self._issue_sends(self._k)
+
+    def _issue_sends(self, k):
+        """All Sends of step k, one batch per producing forward, on its lane's copy stream."""
+        if k in self._issued:
+            return
+        self._issued.add(k)
+        groups = {}
+        for ins in self._program.steps[k].instructions:
+            if isinstance(ins, Send):
+                value, lane, slot = self._committed[ins.unit]
+                groups.setdefault((lane, slot), []).append((ins, value))
+        for (lane, slot), sends in groups.items():
+            stream = self.lanes[lane].copy_stream
+            self._done[lane][slot].wait(stream)
+            pairs, targets = [], set()
+            for ins, value in sends:
+                dst_slot = self._rounds[ins.dst] % SLOTS
+                self._done[ins.dst][dst_slot].wait(stream)  # its forward that last read this slot
+                buffer = self._buffers[ins.dst].received[ins.unit][dst_slot]
+                pairs += zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value))
+                targets.add(ins.dst)
+                self.stats.add_received(ins.dst, self.plan.graph.unit(ins.unit).nbytes)
+            self._copy(pairs, stream)
+            self._read[lane][slot].record(stream)
+            for dst in targets:
+                self._pending[dst].append(self._read[lane][slot])
+
+    def _send_latent(self, ins):
+        self._copy_latent(ins.dst)
+        self.stats.add_received(ins.dst, self.plan.graph.latent_nbytes)
+
+    def _copy_latent(self, lane):
+        """x_k from the pipeline into `lane`'s latent slot for its next forward."""
+        slot = self._slot(lane)
+        latent = self._call.latent
+        if lane == self.whole:
+            key = (tuple(latent.shape), latent.stride(), latent.dtype)
+            if key not in self._whole_latents:
+                self._whole_latents[key] = torch.empty_like(latent, device=self.home)
+            target = self._whole_latents[key]
+        else:
+            target = self._buffers[lane].latent(slot)
+        stream = self._input_stream
+        self._ready.wait(stream)
+        self._done[lane][slot].wait(stream)
+        self._copy([(target, latent)], stream)
+        if stream is not None and latent.is_cuda:
+            latent.record_stream(stream)  # the pipeline may free x_k before this copy runs
+        self._inputs.record(stream)
+        self._pending[lane].append(self._inputs)
+        return target
+
+    def _slot(self, lane):
+        return 0 if lane == self.whole else self._rounds[lane] % SLOTS
+
+    def _forward(self, ins):
+        lane = self.whole if ins.device is None else ins.device
+        self._outputs[lane] = self._run(lane, self._program.steps[self._k].phase, ins.tau_index, ins.commit)
+        self.stats.forwards[-1 if ins.device is None else ins.device] += 1
+
+    def _run(self, lane, phase, tau, commit, compute=None):
+        """Queue one forward on `lane`; return its output (static when replayed)."""
+        replica, device, slot = self.replicas[lane], self.lanes[lane], self._slot(lane)
+        stream = device.stream
+        if lane in (self.whole, self._program.host):
+            latent = self._copy_latent(lane)
+        else:
+            latent = self._buffers[lane].latent(slot)
+        for event in (self._ready, *self._pending[lane], self._read[lane][slot]):
+            event.wait(stream)
+        self._pending[lane] = []
+        cache = {} if lane == self.whole else self._buffers[lane].cache(slot)
+        with _on(stream):
+            replica.load(self._call, self._layout, tau, self._tables[lane])
+
+        def forward():
+            return replica.forward(latent, cache, compute)
+
+        if self._layout is None:
+            with _on(stream):
+                out, record = forward()
+        else:
+            key = (lane, phase, slot, self._layout, self._bkey if lane != self.whole else None)
+            inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
+            out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
+        self._done[lane][slot].record(stream)
+        self._rounds[lane] += 1
+        if lane == self.whole:
+            self._note_output(out, record)
+        if commit:
+            for unit, value in record.items():
+                self._committed[unit] = (value, lane, slot)
+            if self._buffers is None:
+                self._prepare(record)
+        return out
+
+    def _note_output(self, out, record):
+        """Whether the denoiser returns its output unit's output unchanged: then a reuse
+        step emits the cached tensor itself instead of running the glue around it."""
+        leaves, spec = pytree.tree_flatten(out)
+        unit_out = record.get(self.plan.graph.output_unit)
+        same = len(leaves) == 1 and isinstance(unit_out, torch.Tensor) and leaves[0] is unit_out
+        self._emit_spec = spec if same else None
+
+    def _prepare(self, record):
+        """This generation's buffers: the ones of its layout, or new ones from the plan."""
+        latent = self._call.latent
+        key = (_specs(latent), tuple((u, _specs(record[u])) for u in self.plan.graph.paths))
+        if key not in self._layouts:
+            bp = self._buffer_plan
+            self._layouts[key] = [
+                DeviceBuffers(lane.device, bp.received[d], bp.zeros[d], bp.latent[d], record, latent)
+                for d, lane in enumerate(self.lanes[: self.whole])
+            ]
+            if len(self._layouts) > MAX_LAYOUTS:
+                old, _ = self._layouts.popitem(last=False)
+                self.graphs.drop(lambda k: k[4] == old)
+        self._layouts.move_to_end(key)
+        self._buffers, self._bkey = self._layouts[key], key
+
+    def _emit(self, ins):
+        stream = self._pipeline_stream()
+        if ins.source == "previous":
+            self._emitted = self._previous
+        elif ins.source == "forward":
+            lane = self.whole if ins.device is None else ins.device
+            self._done[lane][(self._rounds[lane] - 1) % SLOTS if lane != self.whole else 0].wait(stream)
+            self._emitted = self._to_pipeline(self._outputs[lane])
+        elif self._emit_spec is not None:  # "cache": the fetched output unit's output
+            host = self._program.host
+            for event in self._pending[host]:
+                event.wait(stream)
+            cached = self._buffers[host].received[self.plan.graph.output_unit][self._slot(host)]
+            self._emitted = self._to_pipeline(pytree.tree_unflatten([cached], self._emit_spec))
+        else:  # "cache", general denoiser: the glue around the host's cached units
+            host = self._program.host
+            out = self._run(host, "reuse", self._k - int(self._program.time_shift), commit=False, compute=())
+            self._done[host][(self._rounds[host] - 1) % SLOTS].wait(stream)
+            self._emitted = self._to_pipeline(out)
+
+    def _to_pipeline(self, out):
+        """A copy of a (static) output on the pipeline's device, queued on its stream."""
+        return pytree.tree_map(
+            lambda t: t.to(self.home, non_blocking=True, copy=True) if isinstance(t, torch.Tensor) else t, out)
+
+    def _copy(self, pairs, stream):
+        fast = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
+        self.engine.copy(fast, stream)
+        rest = [(d, s) for d, s in pairs if not (d.is_contiguous() and s.is_contiguous())]
+        with _on(stream):
+            for dst, src in rest:
+                dst.copy_(src, non_blocking=True)
+
+    # ---------------------------------------------------------------- reporting
+    def weights_per_device(self):
+        """Bytes of weights each device's replica holds (shared modules + own units)."""
+        return [weight_bytes(r.module) for r in self.replicas[: self.whole]]
+
+    def buffer_bytes_per_device(self):
+        return [b.nbytes for b in self._buffers] if self._buffers else [0] * self.whole
+
+    def close(self):
+        if self._devices is None:
+            return
+        self._abandon()
+        for replica in self.replicas:
+            replica.close()
+        self.graphs.clear()
+        self._layouts.clear()
+        self._devices.close()
+        self._devices = None
