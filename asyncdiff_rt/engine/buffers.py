@@ -54,6 +54,8 @@ class DeviceBuffers:
         self.received = {u: [_alloc(examples[u], device) for _ in range(SLOTS)] for u in received}
         fixed = {u: _alloc(examples[u], device) for u in zeros}
         self._caches = [{**fixed, **{u: s[i] for u, s in self.received.items()}} for i in range(SLOTS)]
+        self._shapes = {u: _alloc(examples[u], "meta") for u in examples}
+        self._full = [None] * SLOTS
         if reads_latent:
             self.latents = [torch.zeros_like(latent_example, device=device) for _ in range(SLOTS)]
         else:
@@ -62,6 +64,14 @@ class DeviceBuffers:
     def cache(self, slot):
         """unit -> the tensor(s) its substitute returns in a forward that reads `slot`."""
         return self._caches[slot]
+
+    def full_cache(self, slot):
+        """`cache(slot)` plus zeros for the device's own units: for a forward that computes
+        no unit (a reuse step of a denoiser whose output is not a unit's output)."""
+        if self._full[slot] is None:
+            missing = {u: _alloc(t, self.device) for u, t in self._shapes.items() if u not in self._caches[slot]}
+            self._full[slot] = {**missing, **self._caches[slot]}
+        return self._full[slot]
 
     def latent(self, slot):
         return self.latents[slot]

@@ -223,7 +223,11 @@ class LocalExecutor:
         for event in (self._ready, *self._pending[lane], self._read[lane][slot]):
             event.wait(stream)
         self._pending[lane] = []
-        cache = {} if lane == self.whole else self._buffers[lane].cache(slot)
+        if lane == self.whole:
+            cache = {}
+        else:
+            buffers = self._buffers[lane]
+            cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
         with _on(stream):
             replica.load(self._call, self._layout, tau, self._tables[lane])
 

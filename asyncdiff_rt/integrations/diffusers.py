@@ -3,6 +3,7 @@ import torch
 
 from ..async_denoiser import AsyncDenoiser
 from ..engine import EXECUTORS, make_executor
+from ..engine.devices import count_devices
 from ..plan import make_plan
 from ..schedule import validate_settings
 from ..trace import unet_inputs
@@ -41,7 +42,9 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     Works on any diffusers pipeline whose denoiser is `pipe.unet` and whose scheduler is
     `pipe.scheduler` (StableDiffusion, StableDiffusionXL, their img2img and inpainting
     variants, ...). Everything is checked before any work; the warm-up is checked
-    against the step count at the first call.
+    against the step count at the first call. `devices`: one per device of the plan, e.g.
+    ["cuda:0", "cuda:1"], "cuda:0*2" (virtual devices on one GPU) or "cpu*2"; `executor`
+    "auto" runs `local` on GPU device lists and `reference` otherwise.
     """
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, AsyncDenoiser):
@@ -53,10 +56,12 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         )
     validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
     n_devices = n_components + stride - 1
-    if devices is not None and len(devices) != n_devices:
+    listed = count_devices(devices) if devices is not None else None  # ValueError on a malformed entry
+    if listed is not None and listed != n_devices:
         raise ValueError(
-            f"devices lists {len(devices)} devices, but n_components={n_components} with stride={stride} "
-            f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices or pass devices=None"
+            f"devices {devices!r} names {listed} devices, but n_components={n_components} with stride={stride} "
+            f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices (e.g. "
+            f"'cuda:0*{n_devices}' for virtual devices on one GPU) or pass devices=None"
         )
     if executor != "auto" and executor not in EXECUTORS:
         raise ValueError(f"executor={executor!r} is not available; choose 'auto' or one of {sorted(EXECUTORS)}")

@@ -1,0 +1,196 @@
+"""The local executor on the CPU ("cpu*D": streams and events are no-ops, every line of
+orchestration runs): bit for bit equal to the reference executor."""
+import warnings
+
+import pytest
+import torch
+
+import asyncdiff_rt
+from asyncdiff_rt.async_denoiser import AsyncDenoiser
+from asyncdiff_rt.engine import make_executor, resolve_executor
+from asyncdiff_rt.engine.devices import count_devices, lists_gpus, parse_devices
+from asyncdiff_rt.engine.graphs import GraphCache
+from asyncdiff_rt.models.configs import build_unet
+from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
+from asyncdiff_rt.plan import make_plan
+from asyncdiff_rt.trace import unet_inputs
+from loop import denoise, scheduler
+
+warnings.filterwarnings("ignore", category=FutureWarning)
+STEPS = 5
+
+
+@pytest.fixture(scope="module")
+def unets():
+    return {f: build_unet(f"tiny-{f}", device="cpu", dtype=torch.float32).eval() for f in ("sd15", "sd21", "sdxl")}
+
+
+def run(unet, plan, executor, generations=1, **options):
+    sched = scheduler()
+    runner = make_executor(executor, unet, plan, **options)
+    try:
+        wrapper = AsyncDenoiser(unet, plan, runner, lambda: sched)
+        outs = [denoise(wrapper, sched, STEPS) for _ in range(generations)]
+        return outs, runner.stats.as_dict()
+    finally:
+        runner.close()
+
+
+# The plans of the foundation tests (test_executor_reference.py): N, S, W, reuse, shift,
+# partition, pruning, on the three block layouts.
+PLANS = [
+    ("sd15", dict(n_components=1, warmup=1)),
+    ("sd15", dict(n_components=1, warmup=2)),
+    ("sd15", dict(n_components=2, warmup=1)),
+    ("sd15", dict(n_components=3, warmup=2, time_shift=True, partition="upstream")),
+    ("sd15", dict(n_components=2, stride=2, warmup=1)),
+    ("sd15", dict(n_components=2, stride=2, warmup=2, stride_reuse="previous", partition="upstream")),
+    ("sd15", dict(n_components=3, stride=2, warmup=1, time_shift=True, partition="upstream", prune=False)),
+    ("sd15", dict(n_components=3, stride=2, warmup=STEPS)),
+    ("sd21", dict(n_components=3, warmup=1, partition="upstream")),
+    ("sd21", dict(n_components=2, stride=2, warmup=2, time_shift=True)),
+    ("sdxl", dict(n_components=2, warmup=1, partition="upstream", prune=False)),
+    ("sdxl", dict(n_components=3, stride=2, warmup=1, partition="upstream")),
+    ("sdxl", dict(n_components=2, stride=2, warmup=1, stride_reuse="previous", time_shift=True)),
+]
+
+
+@pytest.mark.parametrize("family, settings", PLANS, ids=[f"{f}-{i}" for i, (f, _) in enumerate(PLANS)])
+def test_local_equals_reference_bit_for_bit(unets, family, settings):
+    unet = unets[family]
+    plan = make_plan(unet, unet_inputs(unet), **settings)
+    (ref,), ref_stats = run(unet, plan, "reference")
+    outs, stats = run(unet, plan, "local", generations=2, devices=f"cpu*{plan.n_devices}")
+    assert all(torch.equal(out, ref) for out in outs)
+    assert stats["transfers"] == 2 * ref_stats["transfers"] and stats["steps"] == {
+        p: 2 * c for p, c in ref_stats["steps"].items()}
+    assert stats["forwards_per_device"] == [2 * f for f in ref_stats["forwards_per_device"]]
+
+
+def test_reuse_step_takes_the_cached_output_as_the_glue_forward_would(unets, monkeypatch):
+    """A UNet returns conv_out's output unchanged: emitting the cached tensor equals the
+    glue-only forward on the host's cache that runs for other denoisers."""
+    from asyncdiff_rt.engine.local import LocalExecutor
+
+    unet = unets["sd15"]
+    plan = make_plan(unet, unet_inputs(unet), n_components=2, stride=2, warmup=1)
+    fast, _ = run(unet, plan, "local")
+    taken = []
+    original = LocalExecutor._note_output
+
+    def no_shortcut(self, out, record):
+        original(self, out, record)
+        taken.append(self._emit_spec is not None)
+        self._emit_spec = None
+
+    monkeypatch.setattr(LocalExecutor, "_note_output", no_shortcut)
+    glue, stats = run(unet, plan, "local")
+    assert taken and all(taken) and torch.equal(fast[0], glue[0])
+    assert stats["steps"]["reuse"] == 2
+
+
+def test_replicas_hold_own_units_and_shared_modules_only(unets):
+    unet = unets["sd15"]
+    plan = make_plan(unet, unet_inputs(unet), n_components=3, stride=2, partition="upstream")
+    runner = make_executor("local", unet, plan, devices="cpu*4")
+    try:
+        total = sum(p.numel() * p.element_size() for p in unet.parameters())
+        weights = runner.weights_per_device()
+        assert len(weights) == 4 and all(w < total for w in weights) and weights[2] == weights[3]
+        own = set(plan.partition.components[0])
+        replica = runner.replicas[0].module
+        for name, p in replica.named_parameters():
+            unit = next((u for u in plan.graph.paths if name.startswith(u + ".")), None)
+            if unit is None or unit in own:  # shared or own: the original's tensor, not a copy
+                assert p is unet.get_parameter(name)
+            else:
+                assert p.device.type == "meta"
+    finally:
+        runner.close()
+    assert "forward" not in unet.conv_in.__dict__ and unet._asyncdiff_switch is None
+
+
+def generate(pipe, size=16, steps=4, seed=0):
+    return pipe("a red cube", num_inference_steps=steps, height=size, width=size, output_type="latent",
+                generator=torch.Generator().manual_seed(seed)).images
+
+
+def _parallel(pipe, executor, settings, sizes):
+    handle = asyncdiff_rt.parallelize(pipe, executor=executor, **settings)
+    try:
+        return [generate(pipe, size) for size in sizes], handle.stats()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("family, settings", [
+    ("sd15", dict(n_components=2, warmup=1, devices="cpu*2")),
+    ("sd21", dict(n_components=3, stride=2, warmup=1, devices=["cpu*2", "cpu", "cpu"])),
+    ("sdxl", dict(n_components=2, stride=2, warmup=2, time_shift=True, devices="cpu*3")),
+])
+def test_parallelize_local_equals_reference_and_changes_resolution(family, settings):
+    pipe = tiny_sd_pipeline(family)
+    sizes = (16, 32, 16)
+    ref, _ = _parallel(pipe, "reference", settings, sizes)
+    local, stats = _parallel(pipe, "local", settings, sizes)
+    assert stats["executor"] == "local" and stats["generations"] == 3
+    for a, b in zip(ref, local):
+        assert torch.equal(a, b)
+    assert local[1].shape[-1] == 2 * local[0].shape[-1]
+
+
+def test_error_inside_a_device_forward_leaves_the_pipeline_usable():
+    pipe = tiny_sd_pipeline("sd15")
+    settings = dict(n_components=2, warmup=1, devices="cpu*2")
+    (expected,), _ = _parallel(pipe, "reference", settings, (16,))
+    handle = asyncdiff_rt.parallelize(pipe, executor="local", **settings)
+    try:
+        runner = handle.denoiser.executor
+        unit = runner.replicas[1].module.get_submodule(plan_last_unit(handle.plan))
+        calls = []
+
+        def boom(module, args):
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("injected failure")
+
+        hook = unit.register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError, match="injected failure"):
+            generate(pipe)
+        hook.remove()
+        assert torch.equal(generate(pipe), expected)
+        assert torch.equal(generate(pipe), expected)
+    finally:
+        handle.remove()
+
+
+def plan_last_unit(plan):
+    return plan.partition.components[-1][-1]
+
+
+def test_device_lists_parse_count_and_pick_the_executor():
+    assert [str(e) for e in parse_devices(["cuda:0*4", "cuda:1", "cpu*3", "cuda*2@sm", "cuda:0*1@sm/4"])] == [
+        "cuda:0*4", "cuda:1", "cpu*3", "cuda:0*2@sm", "cuda:0*1@sm/4"]
+    assert count_devices("cuda:0*3") == 3 and count_devices(["cpu", "cpu*2"]) == 3
+    assert lists_gpus("cuda:0*2") and lists_gpus(["cuda:0", "cuda:1"]) and not lists_gpus(["cuda:0", "cpu"])
+    assert resolve_executor("auto", None) == "reference"
+    assert resolve_executor("auto", "cpu*2") == "reference"
+    assert resolve_executor("auto", ["cuda:0", "cuda:1"]) == "local"
+    for bad in ("gpu:0", "cuda:0*0", "cpu*2@sm", "cuda:0*3@sm/2"):
+        with pytest.raises(ValueError, match="device"):
+            parse_devices(bad)
+
+
+def test_bad_device_lists_are_refused_with_the_fix():
+    pipe = tiny_sd_pipeline("sd15")
+    with pytest.raises(ValueError, match=r"n_components \+ stride - 1 = 3; list 3 devices"):
+        asyncdiff_rt.parallelize(pipe, n_components=2, stride=2, devices="cpu*2")
+    with pytest.raises(ValueError, match="sees 0 GPU" if not torch.cuda.is_available() else "GPU"):
+        asyncdiff_rt.parallelize(pipe, n_components=2, devices="cuda:7*2")
+    assert not isinstance(pipe.unet, AsyncDenoiser) and "forward" not in pipe.unet.conv_in.__dict__
+
+
+def test_graph_cache_runs_eagerly_off_the_gpu():
+    cache = GraphCache(enabled=True)
+    assert cache.run(("k",), 0, None, lambda: torch.ones(2)).sum() == 2
+    assert len(cache) == 0 and cache.captures == 0
