@@ -64,15 +64,13 @@ class LocalExecutor:
         whole = LocalDevice("whole", self.home, *(torch.cuda.Stream(self.home) for _ in range(2)) if cuda else ())
         self.lanes = self._devices.devices + [whole]  # lane n: warm-up forwards on the original
         self.whole = n
-        paths, comps = plan.graph.paths, plan.partition.components
-        self.replicas = []
-        for d, lane in enumerate(self._devices.devices):
-            own = comps[min(d, plan.n_components - 1)]
-            module = replicate(denoiser, [p for p in paths if p not in own], lane.device)
-            self.replicas.append(Replica(module, paths, own, lane.device))
-        self.replicas.append(Replica(denoiser, paths, paths, self.home))
         gpus = sorted({lane.device.index for lane in self.lanes if lane.device.type == "cuda"})
-        self.engine = TransferEngine(backend if backend or gpus else "cpu", devices=gpus, record_streams=False)
+        try:
+            self.engine = TransferEngine(backend if backend or gpus else "cpu", devices=gpus, record_streams=False)
+            self._replicate(denoiser)
+        except BaseException:
+            self._devices.close()
+            raise
         self._input_stream = torch.cuda.Stream(self.home) if cuda else None
         self.graphs = GraphCache(enabled=graphs, debug=debug)
         self.stats = ExecutorStats(n)
@@ -85,6 +83,15 @@ class LocalExecutor:
         self._read = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # copies of its outputs
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self._program = None
+        self.replicas.append(Replica(denoiser, plan.graph.paths, plan.graph.paths, self.home))  # wraps it: last
+
+    def _replicate(self, denoiser):
+        paths, comps = self.plan.graph.paths, self.plan.partition.components
+        self.replicas = []
+        for d, lane in enumerate(self._devices.devices):
+            own = comps[min(d, self.plan.n_components - 1)]
+            module = replicate(denoiser, [p for p in paths if p not in own], lane.device)
+            self.replicas.append(Replica(module, paths, own, lane.device))
 
     # ---------------------------------------------------------------- generation
     def start(self, program, timesteps):
