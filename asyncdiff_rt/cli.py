@@ -3,7 +3,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("plan", "eval")
+COMMANDS = ("plan", "eval", "bench")
 
 
 def main(argv=None):

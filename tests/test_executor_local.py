@@ -1,5 +1,6 @@
 """The local executor on the CPU ("cpu*D": streams and events are no-ops, every line of
 orchestration runs): bit for bit equal to the reference executor."""
+import json
 import warnings
 
 import pytest
@@ -204,3 +205,18 @@ def test_graph_cache_runs_eagerly_off_the_gpu():
     cache = GraphCache(enabled=True)
     assert cache.run(("k",), 0, None, lambda: torch.ones(2)).sum() == 2
     assert len(cache) == 0 and cache.captures == 0
+
+
+def test_bench_quick_runs_and_writes_its_tables(tmp_path, capsys):
+    from asyncdiff_rt.cli import main
+
+    assert main(["bench", "--quick", "--device", "cpu", "--steps", "3", "--repeats", "1", "--out", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert "device: cpu" in printed and "vs eager" in printed
+    (md,) = tmp_path.glob("bench_local_cpu*.md")
+    data = json.loads(md.with_suffix(".json").read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert all("error" not in r for r in rows.values()) and rows["diffusers eager"]["latency_ms"] > 0
+    two = rows["local cpu*2"]
+    assert two["mib_moved_per_step"] > 0 and len(two["weights_mib_per_device"]) == 2
+    assert sum(two["weights_mib_per_device"]) < 2 * rows["diffusers eager"]["weights_mib_per_device"][0]

@@ -1,0 +1,211 @@
+"""`asyncdiff-rt bench`: the local executor against the sequential diffusers UNet loop,
+measured in one run on one device (random weights, DDIM, classifier-free guidance).
+
+GPU: SD 1.5's architecture in fp16 at 512x512, 50 steps: eager diffusers; `local` with
+N = 1 (graphs only); virtual devices N = 2, 3, 4 at S = 1 and N = 2, 3 at S = 2, on
+streams and on SM partitions; and N = 1 on one SM partition of each size used, for the
+scaling efficiency (speedup of the partitions over one partition / ideal speedup).
+`--quick`: the tiny SD 1.5 layout for a few steps (a smoke test; runs on the CPU).
+Latency: median over repeats after one warm-up generation (CUDA events on a GPU).
+"""
+import json
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ..async_denoiser import AsyncDenoiser
+from ..dataflow import transfer_plan
+from ..engine import make_executor
+from ..models.configs import build_unet
+from ..partition import resolve_partition
+from ..plan import Plan
+from ..trace import unet_inputs
+from ..units import find_units
+
+ASYNC = [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2)]
+
+
+def register(subparsers):
+    p = subparsers.add_parser("bench", help="measure the local executor against sequential diffusers",
+                              description=__doc__)
+    p.add_argument("--quick", action="store_true", help="tiny model, few steps, few configurations (smoke test)")
+    p.add_argument("--device", default=None, help="default: cuda:0 when a GPU is visible, else cpu")
+    p.add_argument("--steps", type=int, default=None, help="DDIM steps (default 50; --quick 6)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=None, help="timed generations per row (default 3; --quick 2)")
+    p.add_argument("--resolution", type=int, default=512, help="image side in pixels (GPU run)")
+    p.add_argument("--no-sm", action="store_true", help="skip the SM-partition rows")
+    p.add_argument("--budget-s", type=float, default=None, help="stop adding rows after this many seconds")
+    p.add_argument("--out", default=None, help="folder for bench_local_<device>.md and .json")
+    p.set_defaults(func=run)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def _rows(device, quick, sm):
+    """(label, N, S, device list) per row; N = 0: the eager sequential loop."""
+    if device.type != "cuda":
+        return [("diffusers eager", 0, 1, None), ("local N=1", 1, 1, "cpu*1"),
+                ("local cpu*2", 2, 1, "cpu*2"), ("local cpu*3 S=2", 2, 2, "cpu*3")]
+    dev = str(device)
+    rows = [("diffusers eager", 0, 1, None), ("local N=1 (graphs)", 1, 1, f"{dev}*1")]
+    pairs = ASYNC[:1] + ASYNC[3:4] if quick else ASYNC
+    rows += [(f"streams N={n} S={s}", n, s, f"{dev}*{n + s - 1}") for n, s in pairs]
+    if sm:
+        rows += [(f"SM parts N={n} S={s}", n, s, f"{dev}*{n + s - 1}@sm") for n, s in pairs]
+        rows += [(f"1 of {d} SM parts", 1, 1, f"{dev}*1@sm/{d}") for d in sorted({n + s - 1 for n, s in pairs})]
+    return rows
+
+
+class _Bench:
+    def __init__(self, device, quick, steps, warmup, repeats, resolution):
+        self.device, self.steps, self.warmup, self.repeats = device, steps, warmup, repeats
+        gpu = device.type == "cuda"
+        name, dtype = ("tiny-sd15", torch.float32) if quick or not gpu else ("sd15", torch.float16)
+        self.unet = build_unet(name, device=device, dtype=dtype).eval()
+        c = self.unet.config
+        side = c.sample_size if quick or not gpu else resolution // 8
+        g = torch.Generator().manual_seed(0)
+        self.latent0 = torch.randn(1, c.in_channels, side, side, generator=g).to(device, dtype)
+        self.cond = torch.randn(2, 77, c.cross_attention_dim, generator=g).to(device, dtype)
+        self.graph = find_units(self.unet, unet_inputs(self.unet, height=side, width=side))
+        self.model = f"{name} {str(dtype).replace('torch.', '')} latent {side}x{side}"
+
+    def plan(self, n, s):
+        parts = resolve_partition(self.graph, n, "auto", self.unet)
+        return Plan(self.graph, parts, s, self.warmup, False, "component", transfer_plan(self.graph, parts, s))
+
+    def generate(self, unet, host):
+        from diffusers import DDIMScheduler
+
+        sched = DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                              beta_end=0.012, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        sched.set_timesteps(self.steps)  # timesteps on the CPU: the loop never waits for the GPU
+        self.scheduler = sched  # what an AsyncDenoiser follows
+        latents = self.latent0.clone()
+        with torch.no_grad():
+            for t in sched.timesteps:
+                t0 = time.perf_counter()
+                eps = unet(torch.cat([latents] * 2), t, encoder_hidden_states=self.cond, return_dict=False)[0]
+                host.append(time.perf_counter() - t0)
+                uncond, cond = eps.chunk(2)
+                latents = sched.step(uncond + 7.5 * (cond - uncond), t, latents).prev_sample
+        return latents
+
+    def time(self, unet):
+        """(median latency ms, host ms per step) over the repeats after one warm-up run."""
+        cuda = self.device.type == "cuda"
+        self.generate(unet, [])
+        latencies, host = [], []
+        for _ in range(self.repeats):
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            self.generate(unet, host)
+            if cuda:
+                end.record()
+                end.synchronize()
+                latencies.append(start.elapsed_time(end))
+            else:
+                latencies.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(latencies), 1e3 * sum(host) / len(host)
+
+    def row(self, label, n, s, devices):
+        out = {"row": label, "n_components": n, "stride": s, "devices": devices}
+        if n == 0:
+            out["latency_ms"], out["host_ms_per_step"] = self.time(self.unet)
+            out["weights_mib_per_device"] = [sum(p.numel() * p.element_size() for p in self.unet.parameters()) / 2**20]
+            return out
+        plan = self.plan(n, s)
+        executor = make_executor("local", self.unet, plan, devices=devices)
+        try:
+            wrapper = AsyncDenoiser(self.unet, plan, executor, lambda: self.scheduler)
+            out["latency_ms"], out["host_ms_per_step"] = self.time(wrapper)
+            stats = executor.stats.as_dict()
+            out["mib_moved_per_step"] = sum(stats["received_bytes_per_device"]) / 2**20 / max(
+                stats["generations"] * self.steps, 1)
+            out["weights_mib_per_device"] = [w / 2**20 for w in executor.weights_per_device()]
+            out["graphs"] = len(executor.graphs)
+            out["sms"] = [lane.sms for lane in executor.lanes[: executor.whole]]
+            out["ideal_speedup"] = plan.summary(self.steps)["ideal_speedup"]
+        finally:
+            executor.close()
+        return out
+
+
+def _fmt(v, spec=".1f"):
+    return "-" if v is None else format(v, spec)
+
+
+def table(rows, card, settings):
+    eager = next((r["latency_ms"] for r in rows if r["n_components"] == 0 and "latency_ms" in r), None)
+    base = {r["devices"].split("/")[-1]: r["latency_ms"] for r in rows
+            if r.get("devices") and "@sm/" in r["devices"] and "latency_ms" in r}
+    lines = [f"# asyncdiff-rt bench: {card}", "", settings, "",
+             "| row | devices | latency ms | vs eager | host ms/step | MiB moved/step | weights MiB/device "
+             "| ideal | SM efficiency |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | {r['devices'] or '-'} | {r['error']} | | | | | | |")
+            continue
+        speed = eager / r["latency_ms"] if eager else None
+        eff = None
+        if r.get("devices") and r["devices"].endswith("@sm") and r.get("ideal_speedup"):
+            one = base.get(str(r["n_components"] + r["stride"] - 1))
+            if one:
+                eff = one / r["latency_ms"] / r["ideal_speedup"]
+                r["sm_scaling_efficiency"] = eff
+        weights = "/".join(f"{w:.0f}" if w >= 10 else f"{w:.2f}" for w in r["weights_mib_per_device"])
+        lines.append(f"| {r['row']} | {r['devices'] or 'whole UNet'} | {r['latency_ms']:.1f} | {_fmt(speed, '.2f')}x "
+                     f"| {r['host_ms_per_step']:.2f} | {_fmt(r.get('mib_moved_per_step'), '.2f')} | {weights} "
+                     f"| {_fmt(r.get('ideal_speedup'), '.2f')} | {_fmt(eff, '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def run(args):
+    device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
+    quick = args.quick or device.type != "cuda"
+    steps = args.steps or (6 if quick else 50)
+    repeats = args.repeats or (2 if quick else 3)
+    t_start = time.perf_counter()
+    bench = _Bench(device, quick, steps, args.warmup, repeats, args.resolution)
+    card = device_name(device)
+    settings = (f"{bench.model}, DDIM {steps} steps, guidance on (batch 2), warm-up W={args.warmup}, "
+                f"median of {repeats} after one warm-up run; torch {torch.__version__}; "
+                f"command: asyncdiff-rt bench {' '.join(sys.argv[2:]) if len(sys.argv) > 2 else ''}".rstrip())
+    print(f"device: {card}\n{settings}", flush=True)
+    rows = []
+    for label, n, s, devices in _rows(device, quick, sm=not args.no_sm):
+        if args.budget_s and time.perf_counter() - t_start > args.budget_s:
+            rows.append({"row": label, "n_components": n, "stride": s, "devices": devices,
+                         "error": "skipped (time budget)"})
+            continue
+        try:
+            rows.append(bench.row(label, n, s, devices))
+        except Exception as e:  # one row failing (e.g. no SM partitions here) keeps the others
+            rows.append({"row": label, "n_components": n, "stride": s, "devices": devices,
+                         "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
+        print(f"  {rows[-1]['row']}: {rows[-1].get('latency_ms', rows[-1].get('error'))}", flush=True)
+    text = table(rows, card, settings)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")[:60]
+        (out / f"bench_local_{slug}.md").write_text(text)
+        (out / f"bench_local_{slug}.json").write_text(json.dumps(
+            {"device": card, "settings": settings, "steps": steps, "rows": rows}, indent=1, default=str))
+        print(f"wrote {out}/bench_local_{slug}.md and .json")
+    failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped") and "SM" not in r["row"]]
+    return 1 if failed else 0
