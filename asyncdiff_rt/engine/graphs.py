@@ -11,9 +11,11 @@ import contextlib
 import logging
 
 import torch
-import torch.utils._pytree as pytree
 
 log = logging.getLogger(__name__)
+
+
+_EAGER = object()  # a key whose capture failed
 
 
 class _Captured:
@@ -30,13 +32,13 @@ class GraphCache:
         self.captures = 0
 
     def __len__(self):
-        return len(self._graphs)
+        return sum(1 for g in self._graphs.values() if g is not _EAGER)
 
     def run(self, key, pool, stream, fn, inputs=()):
         """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
         `pool` its memory pool; `inputs`: the static tensors fn reads (for the debug check)."""
         entry = self._graphs.get(key)
-        if entry is not None:
+        if entry is not None and entry is not _EAGER:
             if self.debug:
                 moved = [i for i, t in enumerate(inputs) if t.data_ptr() != entry.inputs[i]]
                 assert not moved, f"graph {key}: static inputs {moved} moved since capture"
@@ -45,8 +47,13 @@ class GraphCache:
             return entry.outputs
         with (torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()):
             out = fn()
-        if self.enabled and stream is not None and not torch.is_grad_enabled():
-            self._graphs[key] = self._capture(key, pool, stream, fn, inputs)
+        if self.enabled and stream is not None and entry is None and not torch.is_grad_enabled():
+            try:
+                self._graphs[key] = self._capture(key, pool, stream, fn, inputs)
+            except Exception as e:  # the eager run just worked: the capture alone failed
+                log.warning("graph %s: capture failed (%s: %s); this key runs eagerly", key[:3],
+                            type(e).__name__, e)
+                self._graphs[key] = _EAGER
         return out
 
     def _capture(self, key, pool, stream, fn, inputs):
@@ -76,6 +83,3 @@ class GraphCache:
         self._graphs.clear()
         self._pools.clear()
 
-
-def outputs_nbytes(tree):
-    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))

@@ -118,8 +118,8 @@ class Replica:
                 if seen is None or seen != self._seen[i]:
                     self._leaves[i].copy_(leaf, non_blocking=True)
                     self._seen[i] = seen
-                    if stream is not None and leaf.is_cuda:
-                        leaf.record_stream(stream)
+                    if stream is not None and leaf.device == self.device:
+                        leaf.record_stream(stream)  # read on this stream, not where it was made
         if self._timestep is not None:
             self._timestep.copy_(table[tau], non_blocking=True)
             timestep = self._timestep
