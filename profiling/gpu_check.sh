@@ -2,7 +2,8 @@
 # GPU check on a fresh GPU machine, all inside 8 minutes:
 #   profiling/gpu_check.sh RESULTS_DIR
 # installs carried wheels (./wheels, offline), builds the extension in place,
-# records backend_info, runs `pytest -m gpu`, then every profiling/bench_*.py.
+# records backend_info, runs `pytest -m gpu`, `asyncdiff-rt bench`, then every
+# profiling/bench_*.py.
 # Each step has its own timeout; logs, tables and summary.txt go to RESULTS_DIR.
 # A failing step is logged and the script goes on; its exit status is the
 # number of failed steps. Later issues add steps here.
@@ -62,6 +63,14 @@ fi
 step backend_info 60 "$PY" -c 'import json, asyncdiff_rt.backend as b; print(json.dumps(b.backend_info(), indent=1))'
 
 step pytest_gpu 200 "$PY" -m pytest -m gpu -q -rs --junitxml="$RESULTS/pytest_gpu.xml"
+
+# The local executor against sequential diffusers (SD 1.5 fp16, 512 px, 50 steps):
+# rows that do not fit its budget are marked skipped; tables go to RESULTS
+# (it rewrites its table after every row, so a cut-short run still leaves one).
+left=$((BUDGET - SECONDS - 10))
+bench_budget=$(( (left < 200 ? left : 200) - 45 ))
+step asyncdiff_bench 200 "$PY" -m asyncdiff_rt.cli bench --out "$RESULTS" --repeats 2 \
+  --budget-s $((bench_budget > 10 ? bench_budget : 10))
 
 declare -A seen=()
 for bench in profiling/bench_transfer.py profiling/bench_kernels.py profiling/bench_*.py; do

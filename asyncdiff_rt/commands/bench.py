@@ -197,15 +197,20 @@ def run(args):
             rows.append({"row": label, "n_components": n, "stride": s, "devices": devices,
                          "error": f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"})
         print(f"  {rows[-1]['row']}: {rows[-1].get('latency_ms', rows[-1].get('error'))}", flush=True)
-    text = table(rows, card, settings)
-    print(text)
+        if args.out:  # after every row, so that a run cut short still leaves its table
+            _write(Path(args.out), card, settings, steps, rows)
+    print(table(rows, card, settings))
     if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")[:60]
-        (out / f"bench_local_{slug}.md").write_text(text)
-        (out / f"bench_local_{slug}.json").write_text(json.dumps(
-            {"device": card, "settings": settings, "steps": steps, "rows": rows}, indent=1, default=str))
-        print(f"wrote {out}/bench_local_{slug}.md and .json")
+        print(f"wrote {' and '.join(str(p) for p in _write(Path(args.out), card, settings, steps, rows))}")
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped") and "SM" not in r["row"]]
     return 1 if failed else 0
+
+
+def _write(out, card, settings, steps, rows):
+    out.mkdir(parents=True, exist_ok=True)
+    slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")[:60]
+    md, js = out / f"bench_local_{slug}.md", out / f"bench_local_{slug}.json"
+    md.write_text(table(rows, card, settings))
+    js.write_text(json.dumps({"device": card, "settings": settings, "steps": steps, "rows": rows},
+                             indent=1, default=str))
+    return md, js
