@@ -138,13 +138,13 @@ class LocalExecutor:
         """After an error: end the generation and let queued work finish, so that the
         next call starts from quiet devices (a failed capture was already closed)."""
         self._program = None
-        for lane in self.lanes:
-            for stream in (lane.stream, lane.copy_stream):
-                if stream is not None:
-                    try:
-                        stream.synchronize()
-                    except Exception:  # a broken stream reports its own error at next use
-                        log.exception("synchronising %s after a failed step", lane.name)
+        streams = [s for lane in self.lanes for s in (lane.stream, lane.copy_stream)] + [self._input_stream]
+        for stream in streams:
+            if stream is not None:
+                try:
+                    stream.synchronize()
+                except Exception:  # a broken stream reports its own error at its next use
+                    log.exception("synchronising a stream after a failed step")
 
     def _timestep_tables(self, call):
         if isinstance(call.timestep, torch.Tensor):
