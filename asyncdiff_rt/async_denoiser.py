@@ -33,31 +33,39 @@ class AsyncDenoiser(torch.nn.Module):
         scheduler = self._scheduler_source()
         if scheduler.timesteps is not self._timesteps_seen or self._k >= self._num_steps:
             self._begin(scheduler, call.timestep)
-        expected = self._steps[self._k]
-        if not _same_timestep(call.timestep, expected):
+        if not self._is_current_timestep(call.timestep):
             raise RuntimeError(
                 f"denoiser call {self._k} of this generation got timestep {_scalar(call.timestep)}, "
-                f"but the scheduler's list has {_scalar(expected)} there; AsyncDiff needs one denoiser call "
-                "per scheduler timestep, in order"
+                f"but the scheduler's list has {self._values[self._k]} there; AsyncDiff needs one denoiser "
+                "call per scheduler timestep, in order"
             )
         out = self.executor.step(self._k, call)
         self._k += 1
         return out
 
+    def _is_current_timestep(self, timestep):
+        # Pipelines pass the scheduler's own element (or a view of it): comparing storage
+        # avoids reading a GPU value, which would block the host every step.
+        expected = self._steps[self._k]
+        if isinstance(timestep, torch.Tensor) and timestep.data_ptr() == expected.data_ptr():
+            return True
+        return float(_scalar(timestep)) == self._values[self._k]
+
     def _begin(self, scheduler, first_timestep):
         timesteps = scheduler.timesteps
+        values = [float(v) for v in timesteps.tolist()]  # one host read per generation
         start = getattr(scheduler, "begin_index", None)
         if start is None:
-            hits = [i for i, t in enumerate(timesteps) if _same_timestep(first_timestep, t)]
-            if not hits:
+            first = float(_scalar(first_timestep))
+            if first not in values:
                 raise RuntimeError(
-                    f"timestep {_scalar(first_timestep)} is not in the scheduler's timesteps; "
+                    f"timestep {first} is not in the scheduler's timesteps; "
                     "call the denoiser with the scheduler's own timesteps"
                 )
-            start = hits[0]
+            start = values.index(first)
         steps = timesteps[start:]
         program = self.plan.program(len(steps))  # raises if warm-up exceeds the step count
-        self._steps, self._num_steps, self._k = steps, len(steps), 0
+        self._steps, self._values, self._num_steps, self._k = steps, values[start:], len(steps), 0
         self._timesteps_seen = timesteps
         self.executor.start(program, steps)
         self.executor.stats.generations += 1
@@ -66,6 +74,3 @@ class AsyncDenoiser(torch.nn.Module):
 def _scalar(t):
     return t.flatten()[0].item() if isinstance(t, torch.Tensor) else t
 
-
-def _same_timestep(a, b):
-    return float(_scalar(a)) == float(_scalar(b))

@@ -15,6 +15,23 @@ class DenoiserCall:
         self._latent_name, self._timestep_name = names[0], names[1]
 
     @property
+    def signature(self):
+        return self._bound.signature
+
+    @property
+    def arguments(self):
+        """The bound arguments by name (read-only by convention: `run` copies them)."""
+        return self._bound.arguments
+
+    @property
+    def latent_name(self):
+        return self._latent_name
+
+    @property
+    def timestep_name(self):
+        return self._timestep_name
+
+    @property
     def latent(self):
         return self._bound.arguments[self._latent_name]
 

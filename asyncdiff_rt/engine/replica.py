@@ -50,8 +50,7 @@ def weight_bytes(module):
 
 def call_parts(call):
     """(signature, latent name, timestep name, arguments) of a DenoiserCall."""
-    bound = call._bound  # DenoiserCall keeps the bound arguments; read, never changed
-    return bound.signature, call._latent_name, call._timestep_name, bound.arguments
+    return call.signature, call.latent_name, call.timestep_name, call.arguments
 
 
 def call_layout(call):
