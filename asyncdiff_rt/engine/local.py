@@ -14,6 +14,7 @@ two forwards ago. Nothing waits on the host in steady state.
 """
 import logging
 from collections import OrderedDict
+from contextlib import nullcontext
 
 import torch
 import torch.utils._pytree as pytree
@@ -31,15 +32,7 @@ MAX_LAYOUTS = 3  # input layouts (resolutions, dtypes) whose buffers and graphs 
 
 
 def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else _Null()
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
 def _specs(tree):
