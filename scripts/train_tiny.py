@@ -40,17 +40,22 @@ def main(argv=None) -> int:
     ap.add_argument("--max-minutes", type=float, default=0,
                     help="wall-time budget: stop (and save) when it is spent, and decay the learning rate "
                          "by whichever of --steps and this runs out first; 0 = steps only (reproducible)")
+    ap.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    ap.add_argument("--init", default=None, help="start from this saved pipeline (fine-tuning)")
     ap.add_argument("--out", default=tt.WEIGHTS_DIR)
+    ap.add_argument("--log", default=None, help="loss log CSV; default: <out>_train_log.csv")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    pipe = tt.build_pipeline()
-    unet, te, tok = pipe.unet, pipe.text_encoder, pipe.tokenizer
+    pipe = tt.build_pipeline() if not args.init else tt.load_tiny(args.init)
+    unet, te, tok = pipe.unet.train(), pipe.text_encoder.train(), pipe.tokenizer
+    unet.requires_grad_(True), te.requires_grad_(True)
     ema_unet, ema_te = copy.deepcopy(unet).requires_grad_(False), copy.deepcopy(te).requires_grad_(False)
     params = list(unet.parameters()) + list(te.parameters())
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
-    ddpm, _ = tt.build_schedulers()
+    pred_type = args.prediction_type
+    ddpm, _ = tt.build_schedulers(pred_type)
     abar = ddpm.alphas_cumprod.float()
     train_combos, _ = shapes.split_combos()
     empty_ids = tok([""], padding="max_length", max_length=tt.MAX_LENGTH, return_tensors="pt").input_ids
@@ -65,13 +70,13 @@ def main(argv=None) -> int:
         return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(p, 1.0))))
 
     def save(tag: str) -> None:
-        out = tt.TinyT2IPipeline(ema_unet, ema_te, tok, tt.build_schedulers()[1])
+        out = tt.TinyT2IPipeline(ema_unet, ema_te, tok, tt.build_schedulers(pred_type)[1])
         out.save_pretrained(args.out, safe_serialization=True)
         print(f"saved EMA weights ({tag}) to {args.out}", flush=True)
 
     os.makedirs(args.out, exist_ok=True)
     log_path = args.out.rstrip("/") + "_train_log.csv"
-    log = open(log_path, "w", newline="")
+    log = open(args.log or log_path, "w", newline="")
     writer = csv.writer(log)
     writer.writerow(["step", "loss", "lr", "seconds"])
     t0, run_loss = time.time(), None
@@ -89,7 +94,8 @@ def main(argv=None) -> int:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         eps = unet(xt, t, encoder_hidden_states=te(ids)[0]).sample
-        loss = torch.nn.functional.mse_loss(eps, noise)
+        target = noise if pred_type == "epsilon" else a.sqrt() * noise - (1 - a).sqrt() * x0  # v
+        loss = torch.nn.functional.mse_loss(eps, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -58,10 +58,10 @@ def build_unet() -> UNet2DConditionModel:
         cross_attention_dim=64, attention_head_dim=4, norm_num_groups=8)
 
 
-def build_schedulers() -> tuple[DDPMScheduler, DDIMScheduler]:
+def build_schedulers(prediction_type: str = "epsilon") -> tuple[DDPMScheduler, DDIMScheduler]:
     """Training (DDPM) and sampling (DDIM) schedulers with the same noise schedule."""
     kw = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2",
-              prediction_type="epsilon", clip_sample=True)
+              prediction_type=prediction_type, clip_sample=True)
     return DDPMScheduler(**kw), DDIMScheduler(**kw, set_alpha_to_one=True, steps_offset=0)
 
 
