@@ -2,7 +2,7 @@
 import torch
 
 from ..async_denoiser import AsyncDenoiser
-from ..engine import EXECUTORS, make_executor
+from ..engine import make_executor, resolve_executor
 from ..engine.devices import count_devices
 from ..plan import make_plan
 from ..schedule import validate_settings
@@ -63,8 +63,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
             f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices (e.g. "
             f"'cuda:0*{n_devices}' for virtual devices on one GPU) or pass devices=None"
         )
-    if executor != "auto" and executor not in EXECUTORS:
-        raise ValueError(f"executor={executor!r} is not available; choose 'auto' or one of {sorted(EXECUTORS)}")
+    executor = resolve_executor(executor, devices)  # refuses unknown names before any tracing
     plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
     runner = make_executor(executor, unet, plan, devices)
     wrapper = AsyncDenoiser(unet, plan, runner, lambda: pipe.scheduler)
