@@ -26,7 +26,10 @@ class AsyncDenoiser(torch.nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            return getattr(self._modules["denoiser"], name)
+            inner = self.__dict__.get("_modules", {}).get("denoiser")  # absent while copying/unpickling
+            if inner is None:
+                raise
+            return getattr(inner, name)
 
     def forward(self, *args, **kwargs):
         call = DenoiserCall(self.denoiser, args, kwargs)
