@@ -48,11 +48,11 @@ class ReferenceExecutor:
     def _send(self, ins):
         entry = self._views[ins.src][ins.unit]
         self._views[ins.dst][ins.unit] = entry
-        self.stats.add_received(ins.dst, self.plan.graph.unit(ins.unit).nbytes)
+        self.stats.add_received(ins.dst, _nbytes(entry))
 
     def _send_latent(self, ins):
         self._latents[ins.dst] = self._latents[self._program.host]
-        self.stats.add_received(ins.dst, self.plan.graph.latent_nbytes)
+        self.stats.add_received(ins.dst, _nbytes(self._latents[ins.dst]))
 
     def _forward(self, ins):
         program, owner = self._program, self.plan.transfers.owner
@@ -86,6 +86,10 @@ class ReferenceExecutor:
 
     def close(self):
         self._switch.remove()
+
+
+def _nbytes(tree):
+    return sum(t.numel() * t.element_size() for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
 
 
 class _DeviceCache(dict):
