@@ -193,8 +193,8 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
     from .models.tiny_t2i import load_tiny
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = pipe or load_tiny(device=device)
-    judge = judge or load_judge(device=device)
+    pipe = load_tiny(device=device) if pipe is None else pipe
+    judge = load_judge(device=device) if judge is None else judge
     runs = expand_runs(parse_configs(configs), warmups, partitions, stride_reuse)
     specs = eval_specs(samples, prompts)
     labels = torch.tensor([s.labels() for s in specs])

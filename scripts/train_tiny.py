@@ -41,6 +41,8 @@ def main(argv=None) -> int:
                     help="wall-time budget: stop (and save) when it is spent, and decay the learning rate "
                          "by whichever of --steps and this runs out first; 0 = steps only (reproducible)")
     ap.add_argument("--prediction-type", default="epsilon", choices=["epsilon", "v_prediction"])
+    ap.add_argument("--high-t", type=float, default=0.0,
+                    help="share of the batch whose timestep is drawn from [600, 1000) instead of [0, 1000)")
     ap.add_argument("--init", default=None, help="start from this saved pipeline (fine-tuning)")
     ap.add_argument("--out", default=tt.WEIGHTS_DIR)
     ap.add_argument("--log", default=None, help="loss log CSV; default: <out>_train_log.csv")
@@ -88,6 +90,9 @@ def main(argv=None) -> int:
         drop = torch.rand(args.batch, generator=gen) < args.p_uncond
         ids[drop] = empty_ids
         t = torch.randint(0, ddpm.config.num_train_timesteps, (args.batch,), generator=gen)
+        if args.high_t:  # the layout (hence prompt adherence) is decided at high noise: see it more often
+            hi = torch.rand(args.batch, generator=gen) < args.high_t
+            t[hi] = torch.randint(600, ddpm.config.num_train_timesteps, (int(hi.sum()),), generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         a = abar[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
