@@ -75,6 +75,11 @@ def adherence(pred: torch.Tensor, labels: torch.Tensor) -> float:
     return (pred == labels).all(1).float().mean().item()
 
 
+def attribute_accuracy(pred: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Share of samples the judge reads as the prompt says, per attribute (says which one fails)."""
+    return {k: (pred[:, i] == labels[:, i]).float().mean().item() for i, k in enumerate(shapes.ATTRIBUTES)}
+
+
 # ---------------------------------------------------------------- sampling
 
 
@@ -227,7 +232,8 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
             critical_path_steps=_critical_path(run, steps), seconds=round(seconds, 2),
             adherence=adherence(pred, labels), frechet=frechet_distance(feat, real_feat),
             psnr_db=psnr(imgs.flatten()[None], seq[0].flatten()[None]).item(),  # of the pooled MSE
-            max_abs_diff=max_abs_diff(imgs, seq[0]), feature_distance=feature_distance(feat, seq[1]).mean().item()))
+            max_abs_diff=max_abs_diff(imgs, seq[0]), feature_distance=feature_distance(feat, seq[1]).mean().item(),
+            extra={"attribute_accuracy": attribute_accuracy(pred, labels)}))
         images[run.name] = imgs[:grid_cols]
     bar.close()
 
