@@ -1,5 +1,6 @@
 """A plain DDIM loop over a bare UNet: cheaper than a whole pipeline for executor tests."""
 import torch
+import torch.utils._pytree as pytree
 from diffusers import DDIMScheduler
 
 from asyncdiff_rt.async_denoiser import AsyncDenoiser
@@ -24,12 +25,14 @@ def unet_call_kwargs(unet, seed=0):
     return kwargs
 
 
-def denoise(unet, sched, steps, seed=0):
-    """Run `steps` DDIM steps with classifier-free-guidance-sized batches; return the latents."""
-    sched.set_timesteps(steps)
+def denoise(unet, sched, steps, seed=0, size=8):
+    """Run `steps` DDIM steps with classifier-free-guidance-sized batches on the UNet's
+    device and dtype; return the latents."""
+    weight = next(unet.parameters())
+    sched.set_timesteps(steps, device=weight.device)
     g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, unet.config.in_channels, 8, 8, generator=g)
-    kwargs = unet_call_kwargs(unet, seed)
+    latents = torch.randn(1, unet.config.in_channels, size, size, generator=g).to(weight.device, weight.dtype)
+    kwargs = pytree.tree_map(lambda t: t.to(weight.device, weight.dtype), unet_call_kwargs(unet, seed))
     with torch.no_grad():
         for t in sched.timesteps:
             eps = unet(torch.cat([latents] * 2), t, **kwargs, return_dict=False)[0]

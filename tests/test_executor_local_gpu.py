@@ -11,6 +11,7 @@ from asyncdiff_rt.engine.call import DenoiserCall
 from asyncdiff_rt.models.configs import build_unet
 from asyncdiff_rt.plan import make_plan
 from asyncdiff_rt.trace import unet_inputs
+import loop
 from loop import scheduler, unet_call_kwargs
 
 pytestmark = pytest.mark.gpu
@@ -25,17 +26,7 @@ def unet(request):
 
 
 def denoise(unet, sched, steps=STEPS, seed=0):
-    sched.set_timesteps(steps, device=DEV)
-    g = torch.Generator().manual_seed(seed)
-    dtype = next(unet.parameters()).dtype
-    latents = torch.randn(1, 4, 16, 16, generator=g).to(DEV, dtype)
-    kwargs = {k: v.to(DEV, dtype) for k, v in unet_call_kwargs(unet, seed).items()}
-    with torch.no_grad():
-        for t in sched.timesteps:
-            eps = unet(torch.cat([latents] * 2), t, **kwargs, return_dict=False)[0]
-            uncond, cond = eps.chunk(2)
-            latents = sched.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
-    return latents
+    return loop.denoise(unet, sched, steps, seed, size=16)
 
 
 def run(unet, plan, executor, generations=1, **options):
