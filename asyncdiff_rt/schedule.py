@@ -77,6 +77,16 @@ class Step:
     def emit(self):
         return next(i for i in self.instructions if isinstance(i, Emit))
 
+    def run(self, handlers, executor):
+        """Call `handlers[type(ins)](ins)` for each instruction in order: an executor's
+        dispatch table. An instruction without a handler is an error, never skipped."""
+        for ins in self.instructions:
+            try:
+                handler = handlers[type(ins)]
+            except KeyError:
+                raise TypeError(f"the {executor} executor cannot run {ins!r}") from None
+            handler(ins)
+
 
 @dataclass(frozen=True)
 class TransferPlan:

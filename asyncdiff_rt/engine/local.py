@@ -115,12 +115,7 @@ class LocalExecutor:
         if self._tables is None:
             self._tables = self._timestep_tables(call)
         self._ready.record(self._pipeline_stream())
-        for ins in step.instructions:
-            try:
-                handler = self._handlers[type(ins)]
-            except KeyError:
-                raise TypeError(f"the local executor cannot run {ins!r}") from None
-            handler(ins)
+        step.run(self._handlers, self.name)
         if k + 1 < program.num_steps and self._buffers is not None:
             self._issue_sends(k + 1)  # as soon as the producing forwards are queued
         self.stats.steps[step.phase] += 1
@@ -313,9 +308,6 @@ class LocalExecutor:
     def weights_per_device(self):
         """Bytes of weights each device's replica holds (shared modules + own units)."""
         return [weight_bytes(r.module) for r in self.replicas[: self.whole]]
-
-    def buffer_bytes_per_device(self):
-        return [b.nbytes for b in self._buffers] if self._buffers else [0] * self.whole
 
     def close(self):
         if self._devices is None:

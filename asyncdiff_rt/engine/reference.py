@@ -35,12 +35,7 @@ class ReferenceExecutor:
         step = self._program.steps[k]
         self._k, self._call, self._outputs, self._emitted = k, call, {}, None
         self._latents[self._program.host] = call.latent
-        for ins in step.instructions:
-            try:
-                handler = self._handlers[type(ins)]
-            except KeyError:
-                raise TypeError(f"the reference executor cannot run {ins!r}") from None
-            handler(ins)
+        step.run(self._handlers, self.name)
         self.stats.steps[step.phase] += 1
         self._previous = self._emitted
         return self._emitted
