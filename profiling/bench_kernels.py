@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import sys
@@ -190,7 +191,8 @@ def markdown(card, copy_bw, gn_rows, unet_rows, command) -> str:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="sd15,sdxl", help="comma-separated: sd15, sdxl")
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
+    p.add_argument("--out", default=os.environ.get("ASYNCDIFF_RT_RESULTS_DIR")
+                   or str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--no-unet", action="store_true", help="skip the whole-UNet timings")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to build)")
     a = p.parse_args(argv)

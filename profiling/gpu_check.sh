@@ -2,8 +2,8 @@
 # GPU check on a fresh GPU machine, all inside 8 minutes:
 #   profiling/gpu_check.sh RESULTS_DIR
 # installs carried wheels (./wheels, offline), builds the extension in place,
-# records backend_info, runs `pytest -m gpu`, `asyncdiff-rt bench`, then every
-# profiling/bench_*.py.
+# records backend_info, runs `pytest -m gpu`, the transfer and kernel benchmarks,
+# then `asyncdiff-rt bench` with the time left.
 # Each step has its own timeout; logs, tables and summary.txt go to RESULTS_DIR.
 # A failing step is logged and the script goes on; its exit status is the
 # number of failed steps. Later issues add steps here.
@@ -51,7 +51,10 @@ fi
 
 # Editable install (the extension lands in asyncdiff_rt/); a direct in-place
 # build if pip cannot install (e.g. no network for its build requirements).
-step build 240 bash -c 'ASYNCDIFF_RT_BUILD_EXT=1 "$0" -m pip install --no-build-isolation --no-deps -e . ||
+# This card's architecture only: a faster build.
+cap="$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2> /dev/null | head -1 | tr -d .)"
+[[ $cap =~ ^[0-9]+$ ]] && export ASYNCDIFF_RT_CUDA_ARCHS="${ASYNCDIFF_RT_CUDA_ARCHS:-$cap}"
+step build 150 bash -c 'ASYNCDIFF_RT_BUILD_EXT=1 "$0" -m pip install --no-build-isolation --no-deps -e . ||
   ASYNCDIFF_RT_BUILD_EXT=1 "$0" setup.py build_ext --inplace' "$PY"
 
 # Scripts outside the repo root find the package through the editable install,
@@ -62,23 +65,20 @@ fi
 
 step backend_info 60 "$PY" -c 'import json, asyncdiff_rt.backend as b; print(json.dumps(b.backend_info(), indent=1))'
 
-step pytest_gpu 200 "$PY" -m pytest -m gpu -q -rs --junitxml="$RESULTS/pytest_gpu.xml"
+# A test that hangs must not eat the budget: per-test timeout where pytest-timeout is there.
+timeout_flag=()
+"$PY" -c 'import pytest_timeout' 2> /dev/null && timeout_flag=(--timeout 45)
+step pytest_gpu 140 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${timeout_flag[@]}" \
+  --junitxml="$RESULTS/pytest_gpu.xml"
 
-# The local executor against sequential diffusers (SD 1.5 fp16, 512 px, 50 steps):
-# rows that do not fit its budget are marked skipped; tables go to RESULTS
-# (it rewrites its table after every row, so a cut-short run still leaves one).
+# The short benchmarks first, each with a reduced set, then the local executor's
+# table (SD 1.5 fp16, 512 px, 50 steps) with what is left: rows that do not fit its
+# budget are marked skipped, and it rewrites its table after every row.
+step bench_transfer 35 "$PY" profiling/bench_transfer.py --out "$RESULTS"
+step bench_kernels 70 "$PY" profiling/bench_kernels.py --models sd15 --out "$RESULTS"
 left=$((BUDGET - SECONDS - 10))
-bench_budget=$(( (left < 200 ? left : 200) - 45 ))
-step asyncdiff_bench 200 "$PY" -m asyncdiff_rt.cli bench --out "$RESULTS" --repeats 2 \
-  --budget-s $((bench_budget > 10 ? bench_budget : 10))
-
-declare -A seen=()
-for bench in profiling/bench_transfer.py profiling/bench_kernels.py profiling/bench_*.py; do
-  [[ -f $bench && -z ${seen[$bench]:-} ]] || continue  # the globs list some twice
-  seen[$bench]=1
-  name="$(basename "$bench" .py)"
-  step "$name" 120 "$PY" "$bench"  # benches read ASYNCDIFF_RT_RESULTS_DIR
-done
+step asyncdiff_bench "$left" "$PY" -m asyncdiff_rt.cli bench --out "$RESULTS" --repeats 2 \
+  --budget-s $((left > 70 ? left - 45 : 25))
 
 echo "failed steps: $FAILED (total ${SECONDS}s)" | tee -a "$SUMMARY"
 exit "$FAILED"

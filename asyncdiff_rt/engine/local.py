@@ -72,6 +72,7 @@ class LocalExecutor:
         self._whole_latents = {}
         ev = self.engine.event
         self._ready, self._inputs = ev(self.home), ev(self.home)
+        self._loaded = [ev(lane.device) for lane in self.lanes]  # a lane's copies of the call's arguments
         self._done = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # forward that read a slot
         self._read = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # copies of its outputs
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
@@ -224,7 +225,12 @@ class LocalExecutor:
             buffers = self._buffers[lane]
             cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
         with _on(stream):
-            replica.load(self._call, self._layout, tau, self._tables[lane])
+            copied = replica.load(self._call, self._layout, tau, self._tables[lane])
+        if copied:  # the pipeline may free those arguments: its stream waits for the copies
+            # (record_stream would tie the tensors to this lane's stream, which an SM
+            # partition destroys on close, possibly before the tensors are freed)
+            self._loaded[lane].record(stream)
+            self._loaded[lane].wait(self._pipeline_stream())
 
         def forward():
             return replica.forward(latent, cache, compute)

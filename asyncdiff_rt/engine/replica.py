@@ -99,7 +99,9 @@ class Replica:
     def load(self, call, layout, tau, table):
         """Refresh the static inputs on the current stream: the call's other arguments
         (copied when they changed since the last copy of this generation) and timestep
-        `tau` from `table` (the generation's timesteps on this device)."""
+        `tau` from `table` (the generation's timesteps on this device). Returns whether
+        it copied any of the caller's tensors: the caller must then keep them alive, or
+        order its stream after these copies, until they have run."""
         signature, latent_name, timestep_name, arguments = call_parts(call)
         others = {k: v for k, v in arguments.items() if k not in (latent_name, timestep_name)}
         leaves, spec = pytree.tree_flatten(others)
@@ -110,15 +112,14 @@ class Replica:
             self._seen = [None] * len(leaves)
             ts = call.timestep
             self._timestep = torch.empty_like(ts, device=self.device) if isinstance(ts, torch.Tensor) else None
-        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        copied = False
         for i, leaf in enumerate(leaves):
             if isinstance(leaf, torch.Tensor):
                 seen = _identity(leaf)
                 if seen is None or seen != self._seen[i]:
                     self._leaves[i].copy_(leaf, non_blocking=True)
                     self._seen[i] = seen
-                    if stream is not None and leaf.device == self.device:
-                        leaf.record_stream(stream)  # read on this stream, not where it was made
+                    copied = True
         if self._timestep is not None:
             self._timestep.copy_(table[tau], non_blocking=True)
             timestep = self._timestep
@@ -128,6 +129,7 @@ class Replica:
         bound.update(pytree.tree_unflatten(self._leaves, self._spec))
         bound[timestep_name] = timestep
         self._bound = (signature, latent_name, bound)
+        return copied
 
     def forgot(self):
         """Start a new generation: copy every argument again at the next load."""
