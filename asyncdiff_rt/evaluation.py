@@ -206,6 +206,13 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
     real = (torch.from_numpy(shapes.render_specs(specs, seed=seed + 1_000_000)) + 1) / 2
     real_feat, real_pred = judge_images(judge, real)
 
+    result = {
+        "command": command, "device": str(device),
+        "settings": {"samples": samples, "steps": steps, "guidance_scale": guidance, "scheduler": "DDIM",
+                     "prompts": prompts, "seed": seed, "batch": batch},
+        "real_images": {"adherence": adherence(real_pred, labels)},
+        "rows": [],
+    }
     bar = tqdm(total=samples * len(runs), desc="eval", unit="img", disable=not progress, mininterval=5)
     rows, images, seq = [], {}, None
     for run in runs:  # runs[0] is the sequential baseline
@@ -235,21 +242,19 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
             max_abs_diff=max_abs_diff(imgs, seq[0]), feature_distance=feature_distance(feat, seq[1]).mean().item(),
             extra={"attribute_accuracy": attribute_accuracy(pred, labels)}))
         images[run.name] = imgs[:grid_cols]
+        result["rows"] = [asdict(r) for r in rows]
+        if out_dir:  # after every row, so that a run cut short still leaves its table
+            _write_json(out_dir, result)
     bar.close()
-
-    result = {
-        "command": command, "device": str(device),
-        "settings": {"samples": samples, "steps": steps, "guidance_scale": guidance, "scheduler": "DDIM",
-                     "prompts": prompts, "seed": seed, "batch": batch},
-        "real_images": {"adherence": adherence(real_pred, labels)},
-        "rows": [asdict(r) for r in rows],
-    }
     if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        with open(os.path.join(out_dir, "eval.json"), "w") as f:
-            json.dump(result, f, indent=1, default=str)
         save_grid(images, os.path.join(out_dir, "eval_grid.png"), [shapes.caption(s) for s in specs[:grid_cols]])
     return result
+
+
+def _write_json(out_dir: str, result: dict) -> None:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "eval.json"), "w") as f:
+        json.dump(result, f, indent=1, default=str)
 
 
 def format_table(result: dict) -> str:

@@ -220,3 +220,12 @@ def test_bench_quick_runs_and_writes_its_tables(tmp_path, capsys):
     two = rows["local cpu*2"]
     assert two["mib_moved_per_step"] > 0 and len(two["weights_mib_per_device"]) == 2
     assert sum(two["weights_mib_per_device"]) < 2 * rows["diffusers eager"]["weights_mib_per_device"][0]
+
+
+def test_parallelize_passes_graphs_to_the_local_executor(sd15):
+    for graphs in (True, False):
+        handle = asyncdiff_rt.parallelize(sd15, executor="local", n_components=2, devices="cpu*2", graphs=graphs)
+        try:
+            assert handle.denoiser.executor.graphs.enabled is graphs
+        finally:
+            handle.remove()

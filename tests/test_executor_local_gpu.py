@@ -1,5 +1,6 @@
 """The local executor on a GPU: virtual devices on one card (streams, SM partitions),
 CUDA graphs, no host synchronisation in steady state, flat memory. Tiny models only."""
+import gc
 import warnings
 
 import pytest
@@ -141,3 +142,43 @@ def test_auto_picks_local_for_virtual_devices_through_parallelize():
     finally:
         handle.remove()
     close(out, ref, torch.float32)
+
+
+def test_arguments_outlive_an_sm_partition_executor(unet):
+    """The caller frees its tensors after the executor closed its SM partitions (the
+    partitions' streams are destroyed then): nothing may still refer to those streams."""
+    plan = make_plan(unet, unet_inputs(unet, height=16, width=16), n_components=2, warmup=1)
+    dtype = next(unet.parameters()).dtype
+    kwargs = {k: v.to(DEV, dtype) for k, v in unet_call_kwargs(unet, seed=3).items()}
+    sched = scheduler()
+    sched.set_timesteps(STEPS, device=DEV)
+    try:
+        runner = make_executor("local", unet, plan, devices=f"{DEV}*2@sm")
+    except RuntimeError as e:
+        pytest.skip(str(e))
+    try:
+        out = _generation(runner, unet, plan, sched.timesteps, kwargs)
+    finally:
+        runner.close()
+    del kwargs, runner
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    assert torch.isfinite(out).all()
+
+
+def test_parallelize_graphs_off_runs_eagerly_and_agrees():
+    import asyncdiff_rt
+    from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
+
+    pipe = tiny_sd_pipeline("sd15").to(DEV)
+    kwargs = dict(num_inference_steps=4, height=32, width=32, output_type="latent")
+    outs = {}
+    for graphs in (True, False):
+        handle = asyncdiff_rt.parallelize(pipe, n_components=2, devices=f"{DEV}*2", graphs=graphs)
+        try:
+            outs[graphs] = pipe("a cube", generator=torch.Generator().manual_seed(0), **kwargs).images
+            assert (handle.denoiser.executor.graphs.captures > 0) == graphs
+        finally:
+            handle.remove()
+    close(outs[False], outs[True], torch.float32)

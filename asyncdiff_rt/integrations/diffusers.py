@@ -36,7 +36,7 @@ class AsyncDiffHandle:
 
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
-                stride_reuse="component", devices=None, executor="auto"):
+                stride_reuse="component", devices=None, executor="auto", graphs=True):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on any diffusers pipeline whose denoiser is `pipe.unet` and whose scheduler is
@@ -44,7 +44,9 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     variants, ...). Everything is checked before any work; the warm-up is checked
     against the step count at the first call. `devices`: one per device of the plan, e.g.
     ["cuda:0", "cuda:1"], "cuda:0*2" (virtual devices on one GPU) or "cpu*2"; `executor`
-    "auto" runs `local` on GPU device lists and `reference` otherwise.
+    "auto" runs `local` on GPU device lists and `reference` otherwise. `graphs=False`
+    makes the local executor run every forward eagerly (for debugging and profiling
+    single kernels); the reference executor always does.
     """
     unet = getattr(pipe, "unet", None)
     if isinstance(unet, AsyncDenoiser):
@@ -65,7 +67,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         )
     executor = resolve_executor(executor, devices)  # refuses unknown names before any tracing
     plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
-    runner = make_executor(executor, unet, plan, devices)
+    runner = make_executor(executor, unet, plan, devices, **({"graphs": graphs} if executor == "local" else {}))
     wrapper = AsyncDenoiser(unet, plan, runner, lambda: pipe.scheduler)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__["unet"] = wrapper
