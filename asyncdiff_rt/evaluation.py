@@ -300,12 +300,8 @@ def save_grid(images: dict, path: str, captions: Sequence[str], scale: int = 2) 
 # ---------------------------------------------------------------- make demo
 
 
-def run_demo(out_dir: str, samples: int = 8, steps: int = 50, guidance: float = 1.0) -> None:
-    """Few held-out prompts, sequential and N = 2; print the table, write the grid.
-
-    Guidance 1 by default: the shipped model samples clean shapes without
-    guidance and degrades with it (see models/weights/README.md).
-    """
+def run_demo(out_dir: str, samples: int = 8, steps: int = 50, guidance: float = 4.0) -> None:
+    """Few held-out prompts, sequential and N = 2; print the table, write the grid."""
     result = run_eval(configs="1,2x1", warmups=(3,), samples=samples, steps=steps, partitions=("auto", "upstream"),
                       stride_reuse=("component",), guidance=guidance, out_dir=out_dir, progress=True,
                       command=f"asyncdiff_rt.evaluation.run_demo({out_dir!r})")
