@@ -77,7 +77,7 @@ def build_unet() -> UNet2DConditionModel:
         addition_embed_type="text", addition_embed_type_num_heads=4)
 
 
-def build_schedulers(prediction_type: str = "epsilon") -> tuple[DDPMScheduler, DDIMScheduler]:
+def build_schedulers(prediction_type: str = "v_prediction") -> tuple[DDPMScheduler, DDIMScheduler]:
     """Training (DDPM) and sampling (DDIM) schedulers with the same noise schedule.
     No x0 clipping: with v-prediction, DDIM clips x0 but keeps the unclipped eps, and
     under guidance (x0 beyond [-1, 1]) that mismatch ruined samples (adherence at
