@@ -5,21 +5,44 @@ It follows the step index through the scheduler's timesteps: a new generation st
 when the scheduler's `timesteps` tensor is a new object (every pipeline call runs
 `set_timesteps`) or the last one finished; the first timestep of a call locates its
 start in the list, so img2img and inpainting with strength < 1 work.
+
+What it guards, so that no call silently computes something else:
+- a change to the denoiser after the executor was built (FreeU, processors, LoRA,
+  weights, dtype) is found at the start of the next generation, and the plan and
+  executor are built again from the changed denoiser (`rebuild`);
+- a generation belongs to the thread that started it: another thread's call while it
+  runs is refused (one generation at a time per parallelized denoiser);
+- inputs that change shape within a generation (a callback that drops the
+  unconditional half) restart the warm-up for the rest of it at the new shapes.
 """
+import logging
+import threading
+
 import torch
 
 from .engine.call import DenoiserCall
+from .fingerprint import fingerprint, first_change
+
+log = logging.getLogger(__name__)
 
 
 class AsyncDenoiser(torch.nn.Module):
-    def __init__(self, denoiser, plan, executor, scheduler_source):
+    def __init__(self, denoiser, plan, executor, scheduler_source, rebuild=None):
+        """`scheduler_source()`: the scheduler in use now; `rebuild()`: a new (plan,
+        executor) for the denoiser as it is now (None: a change is an error)."""
         super().__init__()
         self.denoiser = denoiser
         self.plan = plan
         self.executor = executor
-        self._scheduler_source = scheduler_source  # () -> the scheduler in use now
+        self._scheduler_source = scheduler_source
+        self._rebuild = rebuild
+        self._fingerprint = fingerprint(denoiser)
+        self._lock = threading.RLock()
+        self._owner = None  # the thread whose generation is running
         self._timesteps_seen = None
         self._k = self._num_steps = 0
+        self.rebuilds = 0
+        self.removed = False
 
     def __getattr__(self, name):
         # Pipelines read the denoiser's config, dtype, device, add_embedding, ...
@@ -32,18 +55,51 @@ class AsyncDenoiser(torch.nn.Module):
             return getattr(inner, name)
 
     def forward(self, *args, **kwargs):
-        call = DenoiserCall(self.denoiser, args, kwargs)
+        if self.removed:  # held by a pipeline made from the parallelized one: plain denoiser
+            return self.denoiser(*args, **kwargs)
+        with self._lock:
+            self._claim()
+            try:
+                return self._step(DenoiserCall(self.denoiser, args, kwargs))
+            except BaseException:
+                self._owner = None  # the generation ended with the error
+                raise
+
+    def reset(self):
+        """Abandon the running generation (e.g. one a caller interrupted), whichever
+        thread started it; the next call starts a new one."""
+        with self._lock:
+            self._owner, self._timesteps_seen, self._k = None, None, self._num_steps
+
+    def _claim(self):
+        me, owner = threading.current_thread(), self._owner
+        if owner is not None and owner is not me and owner.is_alive():
+            raise RuntimeError(
+                f"this parallelized denoiser is running a generation for thread {owner.name!r} (step {self._k} of "
+                f"{self._num_steps}); it runs one generation at a time. Serialise the pipeline calls (a lock "
+                "around pipe(...)) or parallelize one pipeline per thread; if that generation was abandoned, "
+                "call handle.reset() first")
+        self._owner = me
+
+    def _step(self, call):
         scheduler = self._scheduler_source()
         if scheduler.timesteps is not self._timesteps_seen or self._k >= self._num_steps:
-            self._begin(scheduler, call.timestep)
+            self._begin(scheduler, call)
+        elif call.shapes() != self._shapes:
+            log.info("denoiser inputs changed shape at step %d: the warm-up restarts for the rest of the "
+                     "generation", self._k)
+            self._start(self._steps, self._values, self._k, call)
         if not self._is_current_timestep(call.timestep):
             raise RuntimeError(
-                f"denoiser call {self._k} of this generation got timestep {_scalar(call.timestep)}, "
-                f"but the scheduler's list has {self._values[self._k]} there; AsyncDiff needs one denoiser "
-                "call per scheduler timestep, in order"
-            )
-        out = self.executor.step(self._k, call)
+                f"denoiser call {self._k} of this generation got timestep {_scalar(call.timestep)}, but the "
+                f"scheduler's list has {self._values[self._k]} there; AsyncDiff needs one denoiser call per "
+                "scheduler timestep, in order, from the pipeline it was parallelized on (a pipeline made from it "
+                "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give it "
+                "handle.original)")
+        out = self.executor.step(self._k - self._offset, call)
         self._k += 1
+        if self._k == self._num_steps:
+            self._owner = None
         return out
 
     def _is_current_timestep(self, timestep):
@@ -54,26 +110,49 @@ class AsyncDenoiser(torch.nn.Module):
             return True
         return float(_scalar(timestep)) == self._values[self._k]
 
-    def _begin(self, scheduler, first_timestep):
+    def _begin(self, scheduler, call):
+        self._follow_changes()
         timesteps = scheduler.timesteps
         values = [float(v) for v in timesteps.tolist()]  # one host read per generation
         start = getattr(scheduler, "begin_index", None)
         if start is None:
-            first = float(_scalar(first_timestep))
+            first = float(_scalar(call.timestep))
             if first not in values:
                 raise RuntimeError(
-                    f"timestep {first} is not in the scheduler's timesteps; "
-                    "call the denoiser with the scheduler's own timesteps"
-                )
+                    f"timestep {first} is not in the timesteps of the scheduler of the pipeline this denoiser "
+                    "was parallelized on; call it with that scheduler's own timesteps (a pipeline made from it "
+                    "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
+                    "it handle.original)")
             start = values.index(first)
-        steps = timesteps[start:]
-        program = self.plan.program(len(steps))  # raises if warm-up exceeds the step count
-        self._steps, self._values, self._num_steps, self._k = steps, values[start:], len(steps), 0
         self._timesteps_seen = timesteps
-        self.executor.start(program, steps)
+        self._start(timesteps[start:], values[start:], 0, call)
         self.executor.stats.generations += 1
+
+    def _start(self, steps, values, offset, call):
+        """Run steps[offset:] as a program of their own (a generation, or its rest after a
+        change of shapes): warm-up first, at most as long as the steps left."""
+        left = len(steps) - offset
+        program = self.plan.program(left, warmup=min(self.plan.warmup, left) if offset else None)
+        self._steps, self._values, self._num_steps, self._k, self._offset = steps, values, len(steps), offset, offset
+        self._shapes = call.shapes()
+        self.executor.start(program, steps[offset:])
+
+    def _follow_changes(self):
+        """Build the plan and executor again if the denoiser changed since they were built."""
+        now = fingerprint(self.denoiser)
+        if now == self._fingerprint:
+            return
+        what = first_change(self._fingerprint, now)
+        if self._rebuild is None:
+            raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
+        log.info("the denoiser changed after parallelize (%s): planning it again", what)
+        stats = self.executor.stats
+        self.executor.close()
+        self.plan, self.executor = self._rebuild()
+        self.executor.stats.absorb(stats)
+        self._fingerprint = fingerprint(self.denoiser)
+        self.rebuilds += 1
 
 
 def _scalar(t):
     return t.flatten()[0].item() if isinstance(t, torch.Tensor) else t
-

@@ -7,6 +7,8 @@ from .partition import resolve_partition
 from .schedule import build_program, critical_path_steps, ideal_speedup, validate_settings
 from .units import find_units
 
+_PROGRAMS_KEPT = 8  # step counts a plan keeps programs for
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -27,13 +29,18 @@ class Plan:
     def n_devices(self):
         return self.n_components + self.stride - 1
 
-    def program(self, num_steps):
-        if num_steps not in self._programs:
-            self._programs[num_steps] = build_program(
-                num_steps, self.warmup, self.stride, self.n_components, self.transfers,
+    def program(self, num_steps, warmup=None):
+        """The program for `num_steps` steps (warm-up: the plan's unless given); the few
+        most recent are kept."""
+        key = (num_steps, warmup or self.warmup)
+        if key not in self._programs:
+            if len(self._programs) >= _PROGRAMS_KEPT:
+                del self._programs[next(iter(self._programs))]
+            self._programs[key] = build_program(
+                num_steps, key[1], self.stride, self.n_components, self.transfers,
                 time_shift=self.time_shift, stride_reuse=self.stride_reuse,
             )
-        return self._programs[num_steps]
+        return self._programs[key]
 
     def summary(self, num_steps=50):
         """The plan's figures as plain data (what `asyncdiff-rt plan --json` prints)."""

@@ -5,6 +5,7 @@ SEMANTICS.md defines it. Device d < N runs component d; with stride 2, device N 
 stride device) runs a second copy of component N-1. The last device is the *host*:
 it holds the latent the pipeline steps and receives every prediction (eps).
 """
+import numbers
 from dataclasses import dataclass
 
 STRIDE_REUSE = ("component", "previous")
@@ -135,12 +136,16 @@ class Program:
 
 
 def validate_settings(num_steps, warmup, stride, n_components, stride_reuse="component", time_shift=False):
-    """Raise ValueError naming the fix for settings no program exists for."""
-    if isinstance(n_components, bool) or not isinstance(n_components, int) or n_components < 1:
+    """Raise ValueError naming the fix for settings no program exists for. Counts may be
+    any integer type (numpy's too) but not bools or floats: 2.0 == 2, yet it breaks later."""
+    def integer(x):
+        return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+    if not integer(n_components) or n_components < 1:
         raise ValueError(f"n_components={n_components!r}: use an integer >= 1")
-    if stride not in (1, 2) or isinstance(stride, bool):
-        raise ValueError(f"stride={stride!r}: AsyncDiff defines stride 1 or 2 only")
-    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 1:
+    if not integer(stride) or stride not in (1, 2):
+        raise ValueError(f"stride={stride!r}: use the integer 1 or 2 (AsyncDiff defines no other stride)")
+    if not integer(warmup) or warmup < 1:
         raise ValueError(f"warmup={warmup!r}: use an integer >= 1 (the warm-up fills the cache)")
     if num_steps is not None and warmup > num_steps:
         raise ValueError(
@@ -167,16 +172,26 @@ def build_program(num_steps, warmup, stride, n_components, transfers, time_shift
         out += [SendLatent(d) for d in range(n_devices) if transfers.reads_latent[d] and d != host]
         return out
 
+    def last(phase, k):
+        # Only the host's forward reaches the last prediction: nothing reads a commit after it.
+        inputs = [i for i in sends() if i.dst == host]
+        return Step(k, phase, (*inputs, Forward(host, k - shift, commit=False), Emit("forward", host)))
+
     steps = []
     for k in range(num_steps):
         if k < warmup:
             steps.append(Step(k, "warmup", (Forward(None, k, commit=k == warmup - 1), Emit("forward", None))))
         elif stride == 1:
+            if k == num_steps - 1:
+                steps.append(last("async", k))
+                continue
             forwards = [Forward(d, k - shift, commit=True) for d in range(n_devices)]
             steps.append(Step(k, "async", (*sends(), *forwards, Emit("forward", host))))
         elif (k - warmup) % 2 == 0:
-            ahead = k + 1 - shift if k < num_steps - 1 else k - shift
-            forwards = [Forward(d, ahead, commit=True) for d in range(n_components)]
+            if k == num_steps - 1:
+                steps.append(last("compute", k))
+                continue
+            forwards = [Forward(d, k + 1 - shift, commit=True) for d in range(n_components)]
             forwards.append(Forward(host, k - shift, commit=False))
             steps.append(Step(k, "compute", (*sends(), *forwards, Emit("forward", host))))
         elif stride_reuse == "component":

@@ -81,7 +81,8 @@ def test_stats_count_the_program(unets):
     _, stats, plan = denoise_async(unets["sd15"], 6, n_components=2, stride=2, warmup=1, generations=2)
     assert stats["generations"] == 2
     assert stats["steps"] == {"warmup": 2, "compute": 6, "reuse": 4}
-    assert stats["forwards_per_device"] == [6, 6, 6]
+    # compute steps 1, 3, 5 per generation; the last (5) runs only the stride device
+    assert stats["forwards_per_device"] == [4, 4, 6]
 
 
 def test_executor_leaves_the_unet_as_it_was(unets, sequential):

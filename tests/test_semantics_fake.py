@@ -192,10 +192,12 @@ def expected_runs(k, stride, warmup, shift, n, num_steps, T, owner):
     """Multiset of (unit, tau) that really run at step k."""
     if k < warmup:
         return Counter((u, T[k]) for u in UNITS)
-    if stride == 1:
+    if stride == 1 and k < num_steps - 1:
         return Counter((u, T[k - shift]) for u in UNITS)
-    if k not in compute_steps(num_steps, warmup):
+    if stride == 2 and k not in compute_steps(num_steps, warmup):
         return Counter()
+    if k == num_steps - 1:  # the last step runs only the host: nothing reads a commit after it
+        return Counter((u, T[k - shift]) for u in UNITS if owner[u] == n - 1)
     ahead = T[k + 1 - shift] if k < num_steps - 1 else T[k - shift]
     runs = Counter((u, ahead) for u in UNITS)  # devices d < N
     runs.update((u, T[k - shift]) for u in UNITS if owner[u] == n - 1)  # the stride device
@@ -327,17 +329,19 @@ def model_run(partition, stride, warmup, shift, reuse, num_steps):
 
     for k in range(num_steps):
         log = Counter()
+        # At the last step only the host's forward runs: the others' results have no reader.
+        others = log if k < num_steps - 1 else Counter()
         if k < warmup:
             e, outs = forward(k, T[k], set(UNITS), log)
             if k == warmup - 1:
                 cache = dict(outs)
         elif stride == 1:
-            results = [forward(k, T[k - shift], set(comps[d]), log) for d in range(n)]
+            results = [forward(k, T[k - shift], set(comps[d]), log if d == n - 1 else others) for d in range(n)]
             e = results[n - 1][0]
             cache = {u: results[owner[u]][1][u] for u in UNITS}
         elif (k - warmup) % 2 == 0:
             ahead = T[k + 1 - shift] if k < num_steps - 1 else T[k - shift]
-            results = [forward(k, ahead, set(comps[d]), log) for d in range(n)]
+            results = [forward(k, ahead, set(comps[d]), others) for d in range(n)]
             e = forward(k, T[k - shift], set(comps[n - 1]), log)[0]  # the stride device
             cache = {u: results[owner[u]][1][u] for u in UNITS}
         elif reuse == "component":

@@ -11,7 +11,7 @@ def resolve_executor(name, devices=None):
     (or virtual devices on one), else `reference`."""
     if name == "auto":
         return "local" if lists_gpus(devices) else "reference"
-    if name not in EXECUTORS:
+    if not isinstance(name, str) or name not in EXECUTORS:  # isinstance first: a list is unhashable
         raise ValueError(f"executor={name!r} is not available; choose 'auto' or one of {sorted(EXECUTORS)}")
     return name
 

@@ -2,6 +2,7 @@
 import inspect
 
 import torch
+import torch.utils._pytree as pytree
 
 
 class DenoiserCall:
@@ -38,6 +39,12 @@ class DenoiserCall:
     @property
     def timestep(self):
         return self._bound.arguments[self._timestep_name]
+
+    def shapes(self):
+        """Shape, dtype and device of every tensor argument but the timestep: what a
+        generation's caches are sized for, so it must not change within one."""
+        return tuple((tuple(t.shape), t.dtype, str(t.device)) for t in pytree.tree_leaves(dict(self.arguments))
+                     if isinstance(t, torch.Tensor) and t is not self.timestep)
 
     def run(self, latent, tau):
         """Call the denoiser with this call's other arguments, `latent` and timestep `tau`

@@ -37,11 +37,14 @@ class DeviceEntry:
 
 
 def parse_devices(devices):
-    """Entries of a device list; ValueError naming the fix for a malformed one."""
-    if isinstance(devices, (str, torch.device)):
-        devices = [devices]
+    """Entries of a device list; TypeError or ValueError naming the fix for a malformed one."""
+    items = [devices] if isinstance(devices, (str, torch.device)) else devices
+    # Sets and generators are refused too: the order of the list is the order of the devices.
+    if not isinstance(items, (list, tuple)) or not all(isinstance(i, (str, torch.device)) for i in items):
+        raise TypeError(f"devices={devices!r}: give None, a string like 'cuda:0*2' or 'cpu*2', a torch.device, "
+                        "or a list or tuple of those (e.g. ['cuda:0', 'cuda:1'])")
     entries = []
-    for item in devices:
+    for item in items:
         text = str(item).strip().lower()
         m = _ENTRY.match(text)
         if m is None:

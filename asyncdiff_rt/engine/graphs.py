@@ -2,10 +2,12 @@
 
 The first run of a key is eager (the warm-up outside capture, and its result is used);
 the graph is captured right after it on the device's own stream and replayed from then
-on. Graphs of one (device, slot) share a memory pool: they run one after the other on
-that device's stream, and the executor never needs a graph's outputs after the next
-graph of the same pool has replayed. Devices never share a pool, since their streams
-run at the same time. Off the GPU, or with `enabled=False`, every run is eager.
+on. The graphs of one device share a memory pool: they run one after the other on that
+device's stream, and the outputs of each stay alive as long as its graph, so no capture
+reuses another graph's outputs. Devices never share a pool, since their streams run at
+the same time. Before every replay the addresses of the static inputs are compared with
+the captured ones (a few integer comparisons): a moved input is an error, never a replay
+on freed memory. Off the GPU, or with `enabled=False`, every run is eager.
 """
 import contextlib
 import logging
@@ -24,9 +26,8 @@ class _Captured:
 
 
 class GraphCache:
-    def __init__(self, enabled=True, debug=False):
+    def __init__(self, enabled=True):
         self.enabled = enabled
-        self.debug = debug  # check that captured input addresses have not moved
         self._graphs = {}
         self._pools = {}
         self.captures = 0
@@ -36,12 +37,13 @@ class GraphCache:
 
     def run(self, key, pool, stream, fn, inputs=()):
         """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
-        `pool` its memory pool; `inputs`: the static tensors fn reads (for the debug check)."""
+        `pool` its memory pool (one per device); `inputs`: the static tensors fn reads."""
         entry = self._graphs.get(key)
         if entry is not None and entry is not _EAGER:
-            if self.debug:
-                moved = [i for i, t in enumerate(inputs) if t.data_ptr() != entry.inputs[i]]
-                assert not moved, f"graph {key}: static inputs {moved} moved since capture"
+            addresses = [t.data_ptr() for t in inputs]
+            if addresses != entry.inputs:
+                raise RuntimeError(f"graph {key[:3]}: its static inputs moved since capture; replaying it would "
+                                   "read freed memory (an asyncdiff_rt bug: please report it)")
             with torch.cuda.stream(stream):
                 entry.graph.replay()
             return entry.outputs

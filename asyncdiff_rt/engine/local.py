@@ -15,6 +15,7 @@ two forwards ago. Nothing waits on the host in steady state.
 import logging
 from collections import OrderedDict
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.utils._pytree as pytree
@@ -28,21 +29,25 @@ from .stats import ExecutorStats
 from .transfer import TransferEngine
 
 log = logging.getLogger(__name__)
-MAX_LAYOUTS = 3  # input layouts (resolutions, dtypes) whose buffers and graphs are kept
+MAX_LAYOUTS = 3  # input layouts (resolutions, batches, kwargs) whose inputs, buffers and graphs are kept
 
 
 def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
-def _specs(tree):
-    return tuple((tuple(t.shape), t.stride(), t.dtype) for t in pytree.tree_leaves(tree) if isinstance(t, torch.Tensor))
+@dataclass
+class _Layout:
+    """What one input layout owns besides its graphs and the replicas' static inputs."""
+
+    buffers: list = None  # DeviceBuffers per device, sized by the warm-up commit
+    whole_latent: torch.Tensor = None  # the warm-up lane's latent
 
 
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None, debug=False):
+    def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None):
         self.plan = plan
         self.home = next(denoiser.parameters()).device
         n = plan.n_devices
@@ -65,13 +70,14 @@ class LocalExecutor:
             self._devices.close()
             raise
         self._input_stream = torch.cuda.Stream(self.home) if cuda else None
-        self.graphs = GraphCache(enabled=graphs, debug=debug)
+        self.graphs = GraphCache(enabled=graphs)
         self.stats = ExecutorStats(n)
+        self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
         self._buffer_plan = None
-        self._layouts = OrderedDict()  # unit output specs -> [DeviceBuffers per device]
-        self._whole_latents = {}
+        self._layouts = OrderedDict()  # input layout -> _Layout, least recently used first
         ev = self.engine.event
         self._ready, self._inputs = ev(self.home), ev(self.home)
+        self._fence = {d: ev(d) for d in {lane.device for lane in self.lanes}}  # new buffers zeroed / lanes idle
         self._loaded = [ev(lane.device) for lane in self.lanes]  # a lane's copies of the call's arguments
         self._done = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # forward that read a slot
         self._read = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # copies of its outputs
@@ -95,9 +101,7 @@ class LocalExecutor:
         self._rounds = [0] * len(self.lanes)
         self._pending = [[] for _ in self.lanes]
         self._committed, self._issued = {}, set()
-        self._buffers = self._bkey = self._tables = self._emit_spec = self._previous = None
-        for replica in self.replicas:
-            replica.forgot()
+        self._buffers = self._generation_layout = self._tables = self._emit_spec = self._previous = None
 
     def step(self, k, call):
         if self._program is None:
@@ -112,12 +116,16 @@ class LocalExecutor:
         program = self._program
         step = program.steps[k]
         self._k, self._call, self._outputs, self._emitted = k, call, {}, None
-        self._layout = call_layout(call)
-        if self._tables is None:
-            self._tables = self._timestep_tables(call)
+        self._layout = call_layout(call)  # None: forwards run eagerly
+        key = self._layout if self._layout is not None else ("eager", call.shapes())
+        if self._generation_layout is None:
+            self._generation_layout, self._tables = key, self._timestep_tables(call)
+        self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
         step.run(self._handlers, self.name)
-        if k + 1 < program.num_steps and self._buffers is not None:
+        if k + 1 == program.num_steps:
+            self._join_lanes()  # the caller may free or reuse what any lane still reads
+        elif self._buffers is not None:
             self._issue_sends(k + 1)  # as soon as the producing forwards are queued
         self.stats.steps[step.phase] += 1
         self._previous = self._emitted
@@ -127,6 +135,10 @@ class LocalExecutor:
         """After an error: end the generation and let queued work finish, so that the
         next call starts from quiet devices (a failed capture was already closed)."""
         self._program = None
+        self._quiesce()
+
+    def _quiesce(self):
+        """Wait on the host until every stream of every lane is idle."""
         streams = [s for lane in self.lanes for s in (lane.stream, lane.copy_stream)] + [self._input_stream]
         for stream in streams:
             if stream is not None:
@@ -134,6 +146,35 @@ class LocalExecutor:
                     stream.synchronize()
                 except Exception:  # a broken stream reports its own error at its next use
                     log.exception("synchronising a stream after a failed step")
+
+    def _join_lanes(self):
+        """The pipeline's stream waits for everything queued on every lane (end of a
+        generation): no lane reads a buffer or argument after the caller moves on."""
+        pipeline = self._pipeline_stream()
+        for lane in self.lanes:
+            for stream in (lane.stream, lane.copy_stream):
+                if stream is not None:
+                    fence = self._fence[lane.device]
+                    fence.record(stream)
+                    fence.wait(pipeline)
+        self._inputs.record(self._input_stream)
+        self._inputs.wait(pipeline)
+
+    def _use_layouts(self, *keys):
+        """Mark `keys` as in use, creating their entries; evict the least recently used
+        layout beyond MAX_LAYOUTS with its graphs, static inputs and buffers, once no
+        stream can still read them."""
+        for key in keys:
+            if key not in self._layouts:
+                self._layouts[key] = _Layout()
+            self._layouts.move_to_end(key)
+        while len(self._layouts) > MAX_LAYOUTS:
+            old, _ = next(iter(self._layouts.items()))
+            self._quiesce()  # rare: a fourth layout; its buffers are freed right after
+            self.graphs.drop(lambda k: old in (k[3], k[4]))
+            for replica in self.replicas:
+                replica.drop(old)
+            del self._layouts[old]
 
     def _timestep_tables(self, call):
         if isinstance(call.timestep, torch.Tensor):
@@ -162,37 +203,40 @@ class LocalExecutor:
         for (lane, slot), sends in groups.items():
             stream = self.lanes[lane].copy_stream
             self._done[lane][slot].wait(stream)
-            pairs, targets = [], set()
+            pairs, received = [], {}
             for ins, value in sends:
                 dst_slot = self._rounds[ins.dst] % SLOTS
                 self._done[ins.dst][dst_slot].wait(stream)  # its forward that last read this slot
                 buffer = self._buffers[ins.dst].received[ins.unit][dst_slot]
-                pairs += zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value))
-                targets.add(ins.dst)
-                self.stats.add_received(ins.dst, self.plan.graph.unit(ins.unit).nbytes)
+                leaves = list(zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value)))
+                pairs += leaves
+                received.setdefault(ins.dst, []).append(sum(src.nbytes for _, src in leaves))
             self._copy(pairs, stream)
             self._read[lane][slot].record(stream)
-            for dst in targets:
+            for dst, sizes in received.items():
                 self._pending[dst].append(self._read[lane][slot])
+                for nbytes in sizes:
+                    self.stats.add_received(dst, nbytes)
 
     def _send_latent(self, ins):
         self._copy_latent(ins.dst)
-        self.stats.add_received(ins.dst, self.plan.graph.latent_nbytes)
+        self.stats.add_received(ins.dst, self._call.latent.nbytes)
 
     def _copy_latent(self, lane):
         """x_k from the pipeline into `lane`'s latent slot for its next forward."""
         slot = self._slot(lane)
         latent = self._call.latent
         if lane == self.whole:
-            key = (tuple(latent.shape), latent.stride(), latent.dtype)
-            if key not in self._whole_latents:
-                self._whole_latents[key] = torch.empty_like(latent, device=self.home)
-            target = self._whole_latents[key]
+            layout = self._layouts[self._generation_layout]
+            if layout.whole_latent is None:
+                layout.whole_latent = torch.empty_like(latent, device=self.home)
+            target = layout.whole_latent
         else:
             target = self._buffers[lane].latent(slot)
         stream = self._input_stream
         self._ready.wait(stream)
         self._done[lane][slot].wait(stream)
+        self._delay(stream)
         self._copy([(target, latent)], stream)
         if stream is not None and latent.is_cuda:
             latent.record_stream(stream)  # the pipeline may free x_k before this copy runs
@@ -224,6 +268,7 @@ class LocalExecutor:
         else:
             buffers = self._buffers[lane]
             cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
+        self._delay(stream)
         with _on(stream):
             copied = replica.load(self._call, self._layout, tau, self._tables[lane])
         if copied:  # the pipeline may free those arguments: its stream waits for the copies
@@ -239,9 +284,9 @@ class LocalExecutor:
             with _on(stream):
                 out, record = forward()
         else:
-            key = (lane, phase, slot, self._layout, self._bkey if lane != self.whole else None)
+            key = (lane, phase, slot, self._layout, self._generation_layout)
             inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
-            out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
+            out, record = self.graphs.run(key, lane, stream, forward, inputs)
         self._done[lane][slot].record(stream)
         self._rounds[lane] += 1
         if lane == self.whole:
@@ -262,20 +307,22 @@ class LocalExecutor:
         self._emit_spec = spec if same else None
 
     def _prepare(self, record):
-        """This generation's buffers: the ones of its layout, or new ones from the plan."""
-        latent = self._call.latent
-        key = (_specs(latent), tuple((u, _specs(record[u])) for u in self.plan.graph.paths))
-        if key not in self._layouts:
+        """This generation's buffers: the ones of its layout, or new ones from the plan,
+        whose zero-fill every stream that may touch them waits for."""
+        layout = self._layouts[self._generation_layout]
+        if layout.buffers is None:
             bp = self._buffer_plan
-            self._layouts[key] = [
-                DeviceBuffers(lane.device, bp.received[d], bp.zeros[d], bp.latent[d], record, latent)
+            layout.buffers = [
+                DeviceBuffers(lane.device, bp.received[d], bp.zeros[d], bp.latent[d], record, self._call.latent)
                 for d, lane in enumerate(self.lanes[: self.whole])
             ]
-            if len(self._layouts) > MAX_LAYOUTS:
-                old, _ = self._layouts.popitem(last=False)
-                self.graphs.drop(lambda k: k[4] == old)
-        self._layouts.move_to_end(key)
-        self._buffers, self._bkey = self._layouts[key], key
+            for device, fence in self._fence.items():  # zeroed on each device's current stream
+                fence.record(torch.cuda.current_stream(device) if device.type == "cuda" else None)
+                for lane in self.lanes:
+                    for stream in (lane.stream, lane.copy_stream, self._input_stream):
+                        if stream is not None:
+                            fence.wait(stream)
+        self._buffers = layout.buffers
 
     def _emit(self, ins):
         stream = self._pipeline_stream()
@@ -302,7 +349,13 @@ class LocalExecutor:
         return pytree.tree_map(
             lambda t: t.to(self.home, non_blocking=True, copy=True) if isinstance(t, torch.Tensor) else t, out)
 
+    def _delay(self, stream):
+        if self.delay_cycles and stream is not None:
+            with _on(stream):
+                torch.cuda._sleep(self.delay_cycles)
+
     def _copy(self, pairs, stream):
+        self._delay(stream)
         fast = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
         self.engine.copy(fast, stream)
         rest = [(d, s) for d, s in pairs if not (d.is_contiguous() and s.is_contiguous())]

@@ -4,7 +4,9 @@ The copy keeps real weights only for the shared modules and the units the device
 computes; every other unit's weights become meta tensors (those units never run there:
 their substitutes return cached outputs). Weights already on the device are shared with
 the original, not copied. The call's tensor arguments are copied into static tensors
-only when they change, so a captured graph can read them at fixed addresses.
+at every call (a device copy costs microseconds; judging freshness by address or version
+lets stale data in, since allocators reuse addresses), into static tensors owned per input
+layout, so a captured graph reads them at fixed addresses.
 """
 import copy
 import inspect
@@ -77,11 +79,18 @@ def _spec(t):
     return ("tensor", tuple(t.shape), t.stride(), t.dtype, str(t.device))
 
 
-def _identity(t):
-    try:
-        return (t.data_ptr(), t._version, tuple(t.shape))
-    except RuntimeError:  # inference tensors have no version counter: copy every time
-        return None
+class _StaticInputs:
+    """One input layout's static copies of a call's arguments: the addresses the graphs
+    captured for that layout read, alive exactly as long as those graphs."""
+
+    def __init__(self, leaves, spec, timestep, device):
+        self.spec = spec
+        self.leaves = [torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v for v in leaves]
+        self.timestep = torch.empty_like(timestep, device=device) if isinstance(timestep, torch.Tensor) else None
+
+    def tensors(self):
+        return [t for t in self.leaves if isinstance(t, torch.Tensor)] + (
+            [self.timestep] if self.timestep is not None else [])
 
 
 class Replica:
@@ -91,54 +100,50 @@ class Replica:
         self.module, self.device = module, device
         self.compute = frozenset(compute)
         self.switch = UnitSwitch(module, unit_paths)
-        self._layout = self._leaves = self._spec = self._seen = self._timestep = None
+        self._statics = {}  # input layout -> _StaticInputs
+        self._loaded = None
 
     def close(self):
         self.switch.remove()
+        self._statics.clear()
+
+    def drop(self, layout):
+        """Free the static inputs of `layout` (its graphs are gone)."""
+        self._statics.pop(layout, None)
 
     def load(self, call, layout, tau, table):
-        """Refresh the static inputs on the current stream: the call's other arguments
-        (copied when they changed since the last copy of this generation) and timestep
-        `tau` from `table` (the generation's timesteps on this device). Returns whether
-        it copied any of the caller's tensors: the caller must then keep them alive, or
-        order its stream after these copies, until they have run."""
+        """Copy, on the current stream, the call's other arguments and timestep `tau` from
+        `table` (the generation's timesteps on this device) into the static inputs of
+        `layout` (None: fresh ones, no graph reads them). Returns whether it copied any of
+        the caller's tensors: the caller must then order its stream after these copies."""
         signature, latent_name, timestep_name, arguments = call_parts(call)
         others = {k: v for k, v in arguments.items() if k not in (latent_name, timestep_name)}
         leaves, spec = pytree.tree_flatten(others)
-        if layout is None or layout != self._layout:
-            self._layout, self._spec = layout, spec
-            self._leaves = [torch.empty_like(v, device=self.device) if isinstance(v, torch.Tensor) else v
-                            for v in leaves]
-            self._seen = [None] * len(leaves)
-            ts = call.timestep
-            self._timestep = torch.empty_like(ts, device=self.device) if isinstance(ts, torch.Tensor) else None
+        static = self._statics.get(layout) if layout is not None else None
+        if static is None:
+            static = _StaticInputs(leaves, spec, call.timestep, self.device)
+            if layout is not None:
+                self._statics[layout] = static
         copied = False
-        for i, leaf in enumerate(leaves):
+        for target, leaf in zip(static.leaves, leaves):
             if isinstance(leaf, torch.Tensor):
-                seen = _identity(leaf)
-                if seen is None or seen != self._seen[i]:
-                    self._leaves[i].copy_(leaf, non_blocking=True)
-                    self._seen[i] = seen
-                    copied = True
-        if self._timestep is not None:
-            self._timestep.copy_(table[tau], non_blocking=True)
-            timestep = self._timestep
+                target.copy_(leaf, non_blocking=True)
+                copied = True
+        if static.timestep is not None:
+            static.timestep.copy_(table[tau], non_blocking=True)
+            timestep = static.timestep
         else:
             timestep = type(call.timestep)(table[tau])
         bound = dict(arguments)
-        bound.update(pytree.tree_unflatten(self._leaves, self._spec))
+        bound.update(pytree.tree_unflatten(static.leaves, static.spec))
         bound[timestep_name] = timestep
         self._bound = (signature, latent_name, bound)
+        self._loaded = static
         return copied
 
-    def forgot(self):
-        """Start a new generation: copy every argument again at the next load."""
-        if self._seen is not None:
-            self._seen = [None] * len(self._seen)
-
     def static_inputs(self):
-        return [t for t in self._leaves if isinstance(t, torch.Tensor)] + (
-            [self._timestep] if self._timestep is not None else [])
+        """The tensors the last `load` filled (what a graph of its layout reads)."""
+        return self._loaded.tensors()
 
     def forward(self, latent, cache, compute=None):
         """(output, {unit: output}) of a forward on the loaded inputs and `latent`, units

@@ -14,6 +14,14 @@ class ExecutorStats:
         self.transfers = 0
         self.generations = 0
 
+    def absorb(self, other):
+        """Add the counts of `other` (the same plan's executor, replaced)."""
+        self.steps.update(other.steps)
+        self.forwards = [a + b for a, b in zip(self.forwards, other.forwards)]
+        self.received_bytes = [a + b for a, b in zip(self.received_bytes, other.received_bytes)]
+        self.transfers += other.transfers
+        self.generations += other.generations
+
     def add_received(self, device, nbytes):
         self.received_bytes[device] += nbytes
         self.transfers += 1

@@ -2,15 +2,15 @@
 import torch
 
 from ..async_denoiser import AsyncDenoiser
-from ..engine import make_executor, resolve_executor
-from ..engine.devices import count_devices
+from ..engine import make_executor
 from ..plan import make_plan
-from ..schedule import validate_settings
+from ..settings import check_settings
 from ..trace import unet_inputs
 
 
 class AsyncDiffHandle:
-    """What `parallelize` returns: the plan, live statistics, and `remove()`."""
+    """What `parallelize` returns: the plan, live statistics, and `remove()`. The plan
+    and statistics stay readable after `remove()` (the last ones)."""
 
     def __init__(self, pipe, original, wrapper):
         self._pipe, self._original, self._wrapper = pipe, original, wrapper
@@ -23,16 +23,37 @@ class AsyncDiffHandle:
     def denoiser(self):
         return self._wrapper
 
+    @property
+    def original(self):
+        """The UNet `parallelize` was given (unchanged: the wrapper only reads it)."""
+        return self._original
+
     def stats(self):
-        return {"executor": self._wrapper.executor.name, **self._wrapper.executor.stats.as_dict()}
+        executor = self._wrapper.executor
+        out = {"executor": executor.name, **executor.stats.as_dict(), "rebuilds": self._wrapper.rebuilds}
+        if hasattr(executor, "weights_per_device"):
+            out["weight_bytes_per_device"] = executor.weights_per_device()
+        return out
+
+    def reset(self):
+        """Abandon a generation that was interrupted (the next call starts a new one)."""
+        self._wrapper.reset()
 
     def remove(self):
-        """Put the original UNet back; the pipeline is then exactly as before."""
-        if self._wrapper is None:
+        """Put the original UNet back; the pipeline is then exactly as before. Pipelines
+        made from it meanwhile (from_pipe) still hold the wrapper, which now calls the
+        original UNet plainly. A UNet assigned to `pipe.unet` since is left in place."""
+        wrapper = self._wrapper
+        if wrapper.removed:
             return
+        wrapper.removed = True
+        wrapper.executor.close()
+        self._pipe.__dict__.pop("save_pretrained", None)
+        if self._pipe.__dict__.get("unet") is not wrapper:
+            raise RuntimeError(
+                f"pipe.unet was replaced after parallelize (it is now a {type(self._pipe.__dict__.get('unet')).__name__}); "
+                "remove() left it in place and released the parallelized UNet (handle.original)")
         self._pipe.__dict__["unet"] = self._original
-        self._wrapper.executor.close()
-        self._wrapper = None
 
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
@@ -56,19 +77,32 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
             f"parallelize expects a diffusers pipeline with a `unet` module and a `scheduler` "
             f"(e.g. StableDiffusionPipeline), got {type(pipe).__name__}"
         )
-    validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
-    n_devices = n_components + stride - 1
-    listed = count_devices(devices) if devices is not None else None  # ValueError on a malformed entry
-    if listed is not None and listed != n_devices:
-        raise ValueError(
-            f"devices {devices!r} names {listed} devices, but n_components={n_components} with stride={stride} "
-            f"uses n_components + stride - 1 = {n_devices}; list {n_devices} devices (e.g. "
-            f"'cuda:0*{n_devices}' for virtual devices on one GPU) or pass devices=None"
-        )
-    executor = resolve_executor(executor, devices)  # refuses unknown names before any tracing
-    plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
-    runner = make_executor(executor, unet, plan, devices, **({"graphs": graphs} if executor == "local" else {}))
-    wrapper = AsyncDenoiser(unet, plan, runner, lambda: pipe.scheduler)
+    # Every setting is checked (and counts made Python ints) before the trace and any device work.
+    (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
+        unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
+
+    def build():  # at parallelize, and again when the UNet changed since (see AsyncDenoiser)
+        plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
+        options = {"graphs": graphs} if executor == "local" else {}
+        return plan, make_executor(executor, unet, plan, devices, **options)
+
+    wrapper = AsyncDenoiser(unet, *build(), lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__["unet"] = wrapper
+    pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, unet, wrapper)
     return AsyncDiffHandle(pipe, unet, wrapper)
+
+
+def _saving_the_original(pipe, original, wrapper):
+    """`pipe.save_pretrained` that writes the original UNet (diffusers cannot save the
+    wrapper: its class is no diffusers model), as if the pipeline were not parallelized."""
+    save = type(pipe).save_pretrained
+
+    def save_pretrained(*args, **kwargs):
+        pipe.__dict__["unet"] = original
+        try:
+            return save(pipe, *args, **kwargs)
+        finally:
+            pipe.__dict__["unet"] = wrapper
+
+    return save_pretrained

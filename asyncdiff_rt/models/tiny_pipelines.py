@@ -71,3 +71,19 @@ def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None):
     pipe = getattr(diffusers, name)(**parts)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_controlnet_pipeline(family="sd15", controlnets=1, seed=0):
+    """A tiny `StableDiffusion[XL]ControlNetPipeline`: `controlnets` ControlNets made from
+    the UNet (several: a MultiControlNet), their conditioning image at the image's size."""
+    import diffusers
+
+    base = tiny_sd_pipeline(family, seed=seed)
+    torch.manual_seed(seed + 1)
+    # One stride-2 step in the conditioning embedding: the tiny VAE downsamples by 2.
+    nets = [diffusers.ControlNetModel.from_unet(base.unet, conditioning_embedding_out_channels=(8, 8)).eval()
+            for _ in range(controlnets)]
+    name = "StableDiffusionXLControlNetPipeline" if family == "sdxl" else "StableDiffusionControlNetPipeline"
+    pipe = getattr(diffusers, name)(**base.components, controlnet=nets[0] if controlnets == 1 else nets)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -1,0 +1,72 @@
+"""A cheap fingerprint of everything about a denoiser that can change what it computes.
+
+Executors copy parts of the denoiser (replicas hold their own modules, graphs hold
+addresses), so a change made after `parallelize` (FreeU, attention processors, LoRA,
+fused projections, `load_state_dict`, a dtype or device move, `train()`) would not
+reach them. Comparing fingerprints at the start of every generation finds such a change
+in a few milliseconds: module identities and types, plain attributes (values, or the
+identity and attributes of objects such as attention processors), and every parameter
+and buffer's identity, address, version counter, dtype, shape and device.
+"""
+from itertools import chain
+
+import torch
+
+# Attributes that are not state of the model: the module tree itself (walked), and what
+# executors install while they drive the denoiser.
+_SKIP = {"_parameters", "_buffers", "_modules", "forward", "_asyncdiff_switch"}
+_GONE = object()
+_PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+
+
+def fingerprint(denoiser):
+    """A tuple of (module path, what, description) entries; equal tuples, same model."""
+    entries = []
+    for path, module in denoiser.named_modules(remove_duplicate=False):
+        entries.append((path, "module", (type(module).__qualname__, id(module))))
+        for key, value in module.__dict__.items():
+            if key not in _SKIP:
+                entries.append((path, key, _describe(value, depth=2)))
+        for name, tensor in chain(module._parameters.items(), module._buffers.items()):
+            entries.append((path, name, _tensor(tensor)))
+    return tuple(entries)
+
+
+def first_change(before, after):
+    """A short description of one entry that differs, for messages."""
+    old = {(path, what): value for path, what, value in before}
+    new = {(path, what): value for path, what, value in after}
+    for key in new.keys() | old.keys():
+        if old.get(key, _GONE) != new.get(key, _GONE):
+            path, what = key
+            how = "was added" if key not in old else "was removed" if key not in new else "changed"
+            return f"{path or 'the denoiser'}: {what!r} {how}"
+    return "nothing"
+
+
+def _tensor(t):
+    if t is None:
+        return None
+    try:
+        version = t._version
+    except RuntimeError:  # inference tensors have no version counter
+        version = None
+    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, version, t.dtype, tuple(t.shape), str(t.device))
+
+
+def _describe(value, depth):
+    if isinstance(value, _PLAIN):
+        return value
+    if isinstance(value, torch.Tensor):
+        return _tensor(value)
+    if isinstance(value, torch.nn.Module):
+        return ("module", id(value))  # its own state is walked as part of the tree
+    if depth == 0:
+        return ("object", type(value).__qualname__, id(value))
+    if isinstance(value, (list, tuple)):
+        return tuple(_describe(v, depth - 1) for v in value)
+    if isinstance(value, dict):
+        return tuple((k, _describe(v, depth - 1)) for k, v in value.items())
+    state = getattr(value, "__dict__", None)
+    inner = tuple((k, _describe(v, depth - 1)) for k, v in state.items()) if isinstance(state, dict) else ()
+    return ("object", type(value).__qualname__, id(value), inner)
