@@ -83,7 +83,8 @@ class AsyncDenoiser(torch.nn.Module):
 
     def _step(self, call):
         scheduler = self._scheduler_source()
-        if scheduler.timesteps is not self._timesteps_seen or self._k >= self._num_steps:
+        if self._k >= self._num_steps or (scheduler.timesteps is not self._timesteps_seen
+                                          and not self._continues(scheduler, call)):
             self._begin(scheduler, call)
         elif call.shapes() != self._shapes:
             log.info("denoiser inputs changed shape at step %d: the warm-up restarts for the rest of the "
@@ -110,11 +111,27 @@ class AsyncDenoiser(torch.nn.Module):
             return True
         return float(_scalar(timestep)) == self._values[self._k]
 
+    def _continues(self, scheduler, call):
+        """Whether a call whose scheduler has a new timesteps list still continues the
+        running generation: another caller set the same list again (e.g. a refused
+        thread), and this is the step expected next. A new generation starts at its
+        first timestep (or at the scheduler's begin index)."""
+        begin = getattr(scheduler, "begin_index", None)
+        if self._k == 0 or begin not in (None, self._begin_index):
+            return False
+        if self._list_values(scheduler) != self._all_values or float(_scalar(call.timestep)) != self._values[self._k]:
+            return False
+        self._timesteps_seen = scheduler.timesteps
+        return True
+
+    def _list_values(self, scheduler):
+        return [float(v) for v in scheduler.timesteps.tolist()]  # a host read: once per new list
+
     def _begin(self, scheduler, call):
         self._follow_changes()
         timesteps = scheduler.timesteps
-        values = [float(v) for v in timesteps.tolist()]  # one host read per generation
-        start = getattr(scheduler, "begin_index", None)
+        values = self._list_values(scheduler)
+        start = self._begin_index = getattr(scheduler, "begin_index", None)
         if start is None:
             first = float(_scalar(call.timestep))
             if first not in values:
@@ -124,7 +141,7 @@ class AsyncDenoiser(torch.nn.Module):
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
             start = values.index(first)
-        self._timesteps_seen = timesteps
+        self._timesteps_seen, self._all_values = timesteps, values
         self._start(timesteps[start:], values[start:], 0, call)
         self.executor.stats.generations += 1
 
