@@ -119,6 +119,31 @@ def test_replicas_hold_own_units_and_shared_modules_only(unets):
     assert "forward" not in unet.conv_in.__dict__ and unet._asyncdiff_switch is None
 
 
+@pytest.mark.parametrize("settings", [dict(n_components=2, warmup=2), dict(n_components=3, stride=2, warmup=1),
+                                      dict(n_components=2, warmup=STEPS)], ids=["2x1", "3x2", "WK"])
+def test_warmup_runs_as_a_chain_through_the_replicas(unets, settings):
+    """No device needs the whole denoiser: after the executor is built, the original
+    UNet is never run (warm-up forwards run each unit on its owner's replica)."""
+    unet = unets["sd15"]
+    plan = make_plan(unet, unet_inputs(unet), **settings)
+    (expected,), _ = run(unet, plan, "reference")
+    runner = make_executor("local", unet, plan, devices=f"cpu*{plan.n_devices}")
+
+    def refuse(module, args):
+        raise AssertionError("the original UNet ran")
+
+    hooks = [unet.get_submodule(p).register_forward_pre_hook(refuse) for p in plan.graph.paths]
+    hooks.append(unet.register_forward_pre_hook(refuse))
+    try:
+        sched = scheduler()
+        out = denoise(AsyncDenoiser(unet, plan, runner, lambda: sched), sched, STEPS)
+    finally:
+        runner.close()
+        for hook in hooks:
+            hook.remove()
+    assert torch.equal(out, expected)
+
+
 def generate(pipe, size=16, steps=4, seed=0):
     return pipe("a red cube", num_inference_steps=steps, height=size, width=size, output_type="latent",
                 generator=torch.Generator().manual_seed(seed)).images

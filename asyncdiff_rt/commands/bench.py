@@ -137,7 +137,7 @@ class _Bench:
                 stats["generations"] * self.steps, 1)
             out["weights_mib_per_device"] = [w / 2**20 for w in executor.weights_per_device()]
             out["graphs"] = len(executor.graphs)
-            out["sms"] = [lane.sms for lane in executor.lanes[: executor.whole]]
+            out["sms"] = [lane.sms for lane in executor.lanes]
             out["ideal_speedup"] = plan.summary(self.steps)["ideal_speedup"]
         finally:
             executor.close()

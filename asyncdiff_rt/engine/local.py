@@ -3,10 +3,12 @@
 Devices are GPUs, virtual devices on one GPU (a stream or an SM partition each) or the
 CPU, where streams and events are no-ops and every line below still runs (devices.py).
 Each device holds a replica with the weights of its own units and the shared modules
-(replica.py); warm-up forwards run on the original denoiser on the pipeline's device
-(the "whole" lane), and their commit is sent from there like any other. Caches and
-latents are static, double-buffered tensors (buffers.py); forwards replay CUDA graphs
-(graphs.py). The Sends of step k+1 are issued right after the forwards of step k, on
+(replica.py), and nothing else: warm-up forwards run as a chain through the devices
+(the host runs the glue and its own units, every other unit runs on its owner's device,
+its inputs passed over and its output passed back), so no device ever needs the whole
+denoiser, and each unit's commit stays where it was computed. Caches and latents are
+static, double-buffered tensors (buffers.py); asynchronous forwards replay CUDA graphs
+(graphs.py); warm-up forwards (W of K steps) run eagerly. The Sends of step k+1 are issued right after the forwards of step k, on
 the producer's copy stream, ordered by events: a send waits for the forward that made
 its data and for the receiver's forward that last read the slot it overwrites; a
 forward waits for the sends into its slot and for the copies that read its outputs of
@@ -22,7 +24,7 @@ import torch.utils._pytree as pytree
 
 from ..schedule import Emit, Forward, Send, SendLatent
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
-from .devices import LocalDevice, count_devices, open_devices
+from .devices import count_devices, open_devices
 from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
 from .stats import ExecutorStats
@@ -36,12 +38,17 @@ def _on(stream):
     return torch.cuda.stream(stream) if stream is not None else nullcontext()
 
 
+def _moved(tree, device):
+    """`tree` with its tensors on `device` (the same tensors where they already are)."""
+    return pytree.tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, torch.Tensor) else t, tree)
+
+
 @dataclass
 class _Layout:
     """What one input layout owns besides its graphs and the replicas' static inputs."""
 
     buffers: list = None  # DeviceBuffers per device, sized by the warm-up commit
-    whole_latent: torch.Tensor = None  # the warm-up lane's latent
+    warmup_latent: torch.Tensor = None  # the host's latent in warm-up forwards
 
 
 class LocalExecutor:
@@ -58,10 +65,7 @@ class LocalExecutor:
         if getattr(denoiser, "_asyncdiff_switch", None) is not None:
             raise RuntimeError("this denoiser is already driven by an executor; remove that one first")
         self._devices = open_devices(devices)
-        cuda = self.home.type == "cuda"
-        whole = LocalDevice("whole", self.home, *(torch.cuda.Stream(self.home) for _ in range(2)) if cuda else ())
-        self.lanes = self._devices.devices + [whole]  # lane n: warm-up forwards on the original
-        self.whole = n
+        self.lanes = self._devices.devices
         gpus = sorted({lane.device.index for lane in self.lanes if lane.device.type == "cuda"})
         try:
             self.engine = TransferEngine(backend if backend or gpus else "cpu", devices=gpus, record_streams=False)
@@ -69,7 +73,7 @@ class LocalExecutor:
         except BaseException:
             self._devices.close()
             raise
-        self._input_stream = torch.cuda.Stream(self.home) if cuda else None
+        self._input_stream = torch.cuda.Stream(self.home) if self.home.type == "cuda" else None
         self.graphs = GraphCache(enabled=graphs)
         self.stats = ExecutorStats(n)
         self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
@@ -81,9 +85,11 @@ class LocalExecutor:
         self._loaded = [ev(lane.device) for lane in self.lanes]  # a lane's copies of the call's arguments
         self._done = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # forward that read a slot
         self._read = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # copies of its outputs
+        host = self.lanes[-1].device
+        self._hops = [(ev(host), ev(lane.device)) for lane in self.lanes]  # host -> lane -> host in a warm-up
+        self._in_flight = []  # tensors a warm-up passed between lanes: kept until every lane is past them
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self._program = None
-        self.replicas.append(Replica(denoiser, plan.graph.paths, plan.graph.paths, self.home))  # wraps it: last
 
     def _replicate(self, denoiser):
         paths, comps = self.plan.graph.paths, self.plan.partition.components
@@ -99,6 +105,7 @@ class LocalExecutor:
             self._buffer_plan = buffer_plan(self.plan, program)
         self._program, self._timesteps = program, timesteps
         self._rounds = [0] * len(self.lanes)
+        self._last_done = [None] * len(self.lanes)  # the event after each lane's latest forward
         self._pending = [[] for _ in self.lanes]
         self._committed, self._issued = {}, set()
         self._buffers = self._generation_layout = self._tables = self._emit_spec = self._previous = None
@@ -116,6 +123,7 @@ class LocalExecutor:
         program = self._program
         step = program.steps[k]
         self._k, self._call, self._outputs, self._emitted = k, call, {}, None
+        self._in_flight = []  # the last step ended with a join: no lane reads them any more
         self._layout = call_layout(call)  # None: forwards run eagerly
         key = self._layout if self._layout is not None else ("eager", call.shapes())
         if self._generation_layout is None:
@@ -123,8 +131,8 @@ class LocalExecutor:
         self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
         step.run(self._handlers, self.name)
-        if k + 1 == program.num_steps:
-            self._join_lanes()  # the caller may free or reuse what any lane still reads
+        if k + 1 == program.num_steps or step.phase == "warmup":
+            self._join_lanes()  # the caller (or the next step) may free what any lane still reads
         elif self._buffers is not None:
             self._issue_sends(k + 1)  # as soon as the producing forwards are queued
         self.stats.steps[step.phase] += 1
@@ -136,6 +144,7 @@ class LocalExecutor:
         next call starts from quiet devices (a failed capture was already closed)."""
         self._program = None
         self._quiesce()
+        self._in_flight = []
 
     def _quiesce(self):
         """Wait on the host until every stream of every lane is idle."""
@@ -222,15 +231,16 @@ class LocalExecutor:
         self._copy_latent(ins.dst)
         self.stats.add_received(ins.dst, self._call.latent.nbytes)
 
-    def _copy_latent(self, lane):
-        """x_k from the pipeline into `lane`'s latent slot for its next forward."""
+    def _copy_latent(self, lane, warmup=False):
+        """x_k from the pipeline into `lane`'s latent slot for its next forward (the
+        host's warm-up latent in a warm-up forward)."""
         slot = self._slot(lane)
         latent = self._call.latent
-        if lane == self.whole:
+        if warmup:
             layout = self._layouts[self._generation_layout]
-            if layout.whole_latent is None:
-                layout.whole_latent = torch.empty_like(latent, device=self.home)
-            target = layout.whole_latent
+            if layout.warmup_latent is None:
+                layout.warmup_latent = torch.empty_like(latent, device=self.lanes[lane].device)
+            target = layout.warmup_latent
         else:
             target = self._buffers[lane].latent(slot)
         stream = self._input_stream
@@ -245,37 +255,90 @@ class LocalExecutor:
         return target
 
     def _slot(self, lane):
-        return 0 if lane == self.whole else self._rounds[lane] % SLOTS
+        return self._rounds[lane] % SLOTS
 
     def _forward(self, ins):
-        lane = self.whole if ins.device is None else ins.device
-        self._outputs[lane] = self._run(lane, self._program.steps[self._k].phase, ins.tau_index, ins.commit)
+        if ins.device is None:
+            self._outputs[None] = self._chain(ins.tau_index, ins.commit)
+        else:
+            self._outputs[ins.device] = self._run(ins.device, self._program.steps[self._k].phase, ins.tau_index,
+                                                  ins.commit)
         self.stats.forwards[-1 if ins.device is None else ins.device] += 1
 
-    def _run(self, lane, phase, tau, commit, compute=None):
-        """Queue one forward on `lane`; return its output (static when replayed)."""
-        replica, device, slot = self.replicas[lane], self.lanes[lane], self._slot(lane)
-        stream = device.stream
-        if lane in (self.whole, self._program.host):
-            latent = self._copy_latent(lane)
-        else:
-            latent = self._buffers[lane].latent(slot)
+    def _prepare_forward(self, lane, slot, tau, layout):
+        """Order `lane`'s stream after what its next forward reads, and load the call's
+        arguments and timestep `tau` into its static inputs of `layout`."""
+        stream = self.lanes[lane].stream
         for event in (self._ready, *self._pending[lane], self._read[lane][slot]):
             event.wait(stream)
         self._pending[lane] = []
-        if lane == self.whole:
-            cache = {}
-        else:
-            buffers = self._buffers[lane]
-            cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
         self._delay(stream)
         with _on(stream):
-            copied = replica.load(self._call, self._layout, tau, self._tables[lane])
+            copied = self.replicas[lane].load(self._call, layout, tau, self._tables[lane])
         if copied:  # the pipeline may free those arguments: its stream waits for the copies
             # (record_stream would tie the tensors to this lane's stream, which an SM
             # partition destroys on close, possibly before the tensors are freed)
             self._loaded[lane].record(stream)
             self._loaded[lane].wait(self._pipeline_stream())
+
+    def _finish_forward(self, lane, slot):
+        self._done[lane][slot].record(self.lanes[lane].stream)
+        self._last_done[lane] = self._done[lane][slot]
+
+    def _chain(self, tau, commit):
+        """A warm-up forward (every unit computed) as a chain through the lanes: the host
+        runs the glue, the shared modules and its own units; every other unit runs on its
+        owner's lane. Eager: warm-up steps are few, and a graph cannot span the lanes."""
+        host = self._program.host
+        slot = self._slot(host)
+        latent = self._copy_latent(host, warmup=True)
+        self._prepare_forward(host, slot, tau, layout=None)
+        record = {}
+
+        def delegate(path, args, kwargs):
+            return self._delegate(path, args, kwargs, record)
+
+        with _on(self.lanes[host].stream):
+            out, own = self.replicas[host].forward(latent, {}, delegate=delegate)
+        self._finish_forward(host, slot)
+        self._note_output(out, own)
+        record.update((unit, (value, host, slot)) for unit, value in own.items())
+        if commit:
+            self._commit(record)
+        return out
+
+    def _delegate(self, path, args, kwargs, record):
+        """Unit `path` of a warm-up forward, on its owner's lane: the inputs go over, the
+        output comes back to the host, each hop ordered by an event."""
+        host, owner = self._program.host, self.plan.transfers.owner[path]
+        src, dst = self.lanes[host], self.lanes[owner]
+        there, back = self._hops[owner]
+        there.record(src.stream)
+        there.wait(dst.stream)
+        self._delay(dst.stream)
+        with _on(dst.stream):
+            inputs = _moved((args, kwargs), dst.device)
+            out = self.replicas[owner].module.get_submodule(path)(*inputs[0], **inputs[1])
+        slot = self._slot(owner)
+        self._finish_forward(owner, slot)  # sends of this output wait for it
+        back.record(dst.stream)
+        back.wait(src.stream)
+        with _on(src.stream):
+            result = _moved(out, src.device)
+        self._in_flight.append((args, kwargs, inputs, out, result))
+        record[path] = (out, owner, slot)
+        return result
+
+    def _run(self, lane, phase, tau, commit, compute=None):
+        """Queue one asynchronous forward on `lane`; return its output (static when replayed)."""
+        replica, stream, slot = self.replicas[lane], self.lanes[lane].stream, self._slot(lane)
+        if lane == self._program.host:
+            latent = self._copy_latent(lane)
+        else:
+            latent = self._buffers[lane].latent(slot)
+        buffers = self._buffers[lane]
+        cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
+        self._prepare_forward(lane, slot, tau, self._layout)
 
         def forward():
             return replica.forward(latent, cache, compute)
@@ -287,16 +350,17 @@ class LocalExecutor:
             key = (lane, phase, slot, self._layout, self._generation_layout)
             inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
             out, record = self.graphs.run(key, lane, stream, forward, inputs)
-        self._done[lane][slot].record(stream)
+        self._finish_forward(lane, slot)
         self._rounds[lane] += 1
-        if lane == self.whole:
-            self._note_output(out, record)
         if commit:
-            for unit, value in record.items():
-                self._committed[unit] = (value, lane, slot)
-            if self._buffers is None:
-                self._prepare(record)
+            self._commit({unit: (value, lane, slot) for unit, value in record.items()})
         return out
+
+    def _commit(self, record):
+        """unit -> (output, the lane that holds it, the slot of the forward that made it)."""
+        self._committed.update(record)
+        if self._buffers is None:
+            self._prepare({unit: value for unit, (value, _, _) in record.items()})
 
     def _note_output(self, out, record):
         """Whether the denoiser returns its output unit's output unchanged: then a reuse
@@ -314,7 +378,7 @@ class LocalExecutor:
             bp = self._buffer_plan
             layout.buffers = [
                 DeviceBuffers(lane.device, bp.received[d], bp.zeros[d], bp.latent[d], record, self._call.latent)
-                for d, lane in enumerate(self.lanes[: self.whole])
+                for d, lane in enumerate(self.lanes)
             ]
             for device, fence in self._fence.items():  # zeroed on each device's current stream
                 fence.record(torch.cuda.current_stream(device) if device.type == "cuda" else None)
@@ -329,9 +393,9 @@ class LocalExecutor:
         if ins.source == "previous":
             self._emitted = self._previous
         elif ins.source == "forward":
-            lane = self.whole if ins.device is None else ins.device
-            self._done[lane][(self._rounds[lane] - 1) % SLOTS if lane != self.whole else 0].wait(stream)
-            self._emitted = self._to_pipeline(self._outputs[lane])
+            lane = self._program.host if ins.device is None else ins.device
+            self._last_done[lane].wait(stream)
+            self._emitted = self._to_pipeline(self._outputs[ins.device])
         elif self._emit_spec is not None:  # "cache": the fetched output unit's output
             host = self._program.host
             for event in self._pending[host]:
@@ -341,7 +405,7 @@ class LocalExecutor:
         else:  # "cache", general denoiser: the glue around the host's cached units
             host = self._program.host
             out = self._run(host, "reuse", self._k - int(self._program.time_shift), commit=False, compute=())
-            self._done[host][(self._rounds[host] - 1) % SLOTS].wait(stream)
+            self._last_done[host].wait(stream)
             self._emitted = self._to_pipeline(out)
 
     def _to_pipeline(self, out):
@@ -366,7 +430,7 @@ class LocalExecutor:
     # ---------------------------------------------------------------- reporting
     def weights_per_device(self):
         """Bytes of weights each device's replica holds (shared modules + own units)."""
-        return [weight_bytes(r.module) for r in self.replicas[: self.whole]]
+        return [weight_bytes(r.module) for r in self.replicas]
 
     def close(self):
         if self._devices is None:
@@ -376,5 +440,6 @@ class LocalExecutor:
             replica.close()
         self.graphs.clear()
         self._layouts.clear()
+        self._committed = self._outputs = {}
         self._devices.close()
         self._devices = None

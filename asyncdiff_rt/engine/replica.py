@@ -145,14 +145,15 @@ class Replica:
         """The tensors the last `load` filled (what a graph of its layout reads)."""
         return self._loaded.tensors()
 
-    def forward(self, latent, cache, compute=None):
+    def forward(self, latent, cache, compute=None, delegate=None):
         """(output, {unit: output}) of a forward on the loaded inputs and `latent`, units
-        outside `compute` (default: this replica's) returning `cache[unit]`."""
+        outside `compute` (default: this replica's) returning `cache[unit]`, or
+        `delegate(path, args, kwargs)` when given."""
         signature, latent_name, bound = self._bound
         arguments = dict(bound)
         arguments[latent_name] = latent
         call = inspect.BoundArguments(signature, arguments)
         record = {}
-        with self.switch.forward_with(self.compute if compute is None else compute, cache, record):
+        with self.switch.forward_with(self.compute if compute is None else compute, cache, record, delegate):
             out = self.module(*call.args, **call.kwargs)
         return out, record

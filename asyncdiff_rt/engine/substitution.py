@@ -30,11 +30,13 @@ class UnitSwitch:
         def forward(*args, **kwargs):
             if self._active is None:
                 return original(*args, **kwargs)
-            compute, cache, record = self._active
+            compute, cache, record, delegate = self._active
             if path in compute:
                 out = original(*args, **kwargs)
                 record[path] = out
                 return out
+            if delegate is not None:
+                return delegate(path, args, kwargs)
             try:
                 return cache[path]
             except KeyError:
@@ -43,12 +45,13 @@ class UnitSwitch:
         return forward
 
     @contextmanager
-    def forward_with(self, compute, cache, record):
+    def forward_with(self, compute, cache, record, delegate=None):
         """Inside: units in `compute` run and their outputs go into `record`; the rest
-        return `cache[path]`."""
+        return `cache[path]`, or `delegate(path, args, kwargs)` when it is given (a unit
+        computed elsewhere)."""
         if self._active is not None:
             raise RuntimeError("nested forwards of one parallelized denoiser are not supported")
-        self._active = (frozenset(compute), cache, record)
+        self._active = (frozenset(compute), cache, record, delegate)
         try:
             yield
         finally:
