@@ -8,6 +8,7 @@ in a few milliseconds: module identities and types, plain attributes (values, or
 identity and attributes of objects such as attention processors), and every parameter
 and buffer's identity, address, version counter, dtype, shape and device.
 """
+from collections import OrderedDict
 from itertools import chain
 
 import torch
@@ -17,6 +18,8 @@ import torch
 _SKIP = {"_parameters", "_buffers", "_modules", "forward", "_asyncdiff_switch"}
 _GONE = object()
 _PLAIN = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch.device)
+_PLAIN_TYPES = frozenset(_PLAIN)
+_EMPTY_TYPES = frozenset((dict, list, tuple, OrderedDict))
 
 
 def fingerprint(denoiser):
@@ -51,10 +54,15 @@ def _tensor(t):
         version = t._version
     except RuntimeError:  # inference tensors have no version counter
         version = None
-    return (id(t), t.data_ptr() if t.device.type != "meta" else 0, version, t.dtype, tuple(t.shape), str(t.device))
+    return (id(t), t.data_ptr(), version, t.dtype, t.shape, t.device)
 
 
 def _describe(value, depth):
+    kind = type(value)  # the common cases first: this runs for every attribute of every module
+    if kind in _PLAIN_TYPES:
+        return value
+    if kind in _EMPTY_TYPES and not value:
+        return ()
     if isinstance(value, _PLAIN):
         return value
     if isinstance(value, torch.Tensor):

@@ -29,7 +29,7 @@ DELAY_CYCLES = 2_000_000  # GPU spin before each queued forward, load and copy: 
 
 @pytest.fixture(scope="module", autouse=True)
 def torch_transfers_under_the_sanitizer():
-    """Under TORCH_CUDA_SANITIZER (profiling/gpu_check.sh runs this module so once more)
+    """Under TORCH_CUDA_SANITIZER (profiling/gpu_check.sh runs this module once more so)
     transfers take the torch backend: the sanitizer follows torch's own events, copies
     and kernels only, so the extension's raw events would look like missing ordering
     (false reports) and its copies like no access at all (missed races)."""
@@ -283,6 +283,38 @@ def test_slow_streams_with_a_caller_overwriting_its_tensors_match_the_reference(
                   devices=f"{DEV}*{plan.n_devices}", graphs=graphs)
     for out in outs:
         assert torch.isfinite(out).all(), "a lane read the caller's tensors after the caller overwrote them"
+        close(out, ref, torch.float32)
+
+
+def _slower_copies(runner, cycles):
+    """Every copy batch the executor queues (sends, latents) spins `cycles` more first, on
+    top of delay_cycles: the copies of a forward's outputs then still run when that lane's
+    next forward does, so a forward that overwrites what is being copied shows (e.g. a
+    graph whose replay writes where another graph of the lane keeps its outputs)."""
+    copy = runner._copy
+
+    def slower(pairs, stream):
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                torch.cuda._sleep(cycles)
+        copy(pairs, stream)
+
+    runner._copy = slower
+
+
+@pytest.mark.parametrize("n, stride", SLOW)
+@pytest.mark.parametrize("graphs", [True, False], ids=["graphs", "eager"])
+def test_copies_slower_than_forwards_match_the_reference(unet32, n, stride, graphs):
+    plan = make_plan(unet32, unet_inputs(unet32, height=16, width=16), n_components=n, stride=stride, warmup=1)
+    (ref,), _ = run(unet32, plan, "reference")
+    runner = make_executor("local", unet32, plan, devices=f"{DEV}*{plan.n_devices}", graphs=graphs)
+    try:
+        runner.delay_cycles = DELAY_CYCLES
+        _slower_copies(runner, 4 * DELAY_CYCLES)
+        outs, _ = drive(runner, unet32, plan, [16, 16])
+    finally:
+        runner.close()
+    for out in outs:
         close(out, ref, torch.float32)
 
 

@@ -2,10 +2,12 @@
 
 The first run of a key is eager (the warm-up outside capture, and its result is used);
 the graph is captured right after it on the device's own stream and replayed from then
-on. The graphs of one device share a memory pool: they run one after the other on that
-device's stream, and the outputs of each stay alive as long as its graph, so no capture
-reuses another graph's outputs. Devices never share a pool, since their streams run at
-the same time. Before every replay the addresses of the static inputs are compared with
+on. The graphs of one (device, buffer slot) share a memory pool: a graph captured later
+may put its outputs where an earlier one keeps temporaries, so a replay of the earlier
+graph overwrites them; the executor never reads a forward's outputs once the next
+forward of the same slot has started, and the two slots keep apart (a slot-0 replay must
+not overwrite slot-1 outputs that are still being sent). Devices never share a pool,
+since their streams run at the same time. Before every replay the addresses of the static inputs are compared with
 the captured ones (a few integer comparisons): a moved input is an error, never a replay
 on freed memory. Off the GPU, or with `enabled=False`, every run is eager.
 """
@@ -37,7 +39,7 @@ class GraphCache:
 
     def run(self, key, pool, stream, fn, inputs=()):
         """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
-        `pool` its memory pool (one per device); `inputs`: the static tensors fn reads."""
+        `pool` its memory pool (one per device and slot); `inputs`: the static tensors fn reads."""
         entry = self._graphs.get(key)
         if entry is not None and entry is not _EAGER:
             addresses = [t.data_ptr() for t in inputs]

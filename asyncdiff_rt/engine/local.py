@@ -73,14 +73,13 @@ class LocalExecutor:
         except BaseException:
             self._devices.close()
             raise
-        self._input_stream = torch.cuda.Stream(self.home) if self.home.type == "cuda" else None
         self.graphs = GraphCache(enabled=graphs)
         self.stats = ExecutorStats(n)
         self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
         self._buffer_plan = None
         self._layouts = OrderedDict()  # input layout -> _Layout, least recently used first
         ev = self.engine.event
-        self._ready, self._inputs = ev(self.home), ev(self.home)
+        self._home_bound = self._input_stream = None  # bound to the pipeline's device at its first call
         self._fence = {d: ev(d) for d in {lane.device for lane in self.lanes}}  # new buffers zeroed / lanes idle
         self._loaded = [ev(lane.device) for lane in self.lanes]  # a lane's copies of the call's arguments
         self._done = [[ev(lane.device) for _ in range(SLOTS)] for lane in self.lanes]  # forward that read a slot
@@ -127,6 +126,7 @@ class LocalExecutor:
         self._layout = call_layout(call)  # None: forwards run eagerly
         key = self._layout if self._layout is not None else ("eager", call.shapes())
         if self._generation_layout is None:
+            self._bind_home(call.latent.device)
             self._generation_layout, self._tables = key, self._timestep_tables(call)
         self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
@@ -184,6 +184,20 @@ class LocalExecutor:
             for replica in self.replicas:
                 replica.drop(old)
             del self._layouts[old]
+
+    def _bind_home(self, device):
+        """The pipeline's device (where its latents are, not necessarily the UNet's: a
+        UNet kept on the CPU lets GPU lanes hold only their parts): its stream orders the
+        steps, and inputs are copied from it on a stream of its own."""
+        if device == self._home_bound:
+            return
+        if (device.type == "cuda") != (self.lanes[0].device.type == "cuda"):
+            raise ValueError(f"the pipeline's latents are on {device} but the devices are {self.lanes[0].device.type} "
+                             "devices; run the pipeline on the kind of device the lanes are on (a UNet kept on the "
+                             "CPU is fine: only its parts move to the lanes)")
+        self.home = self._home_bound = device
+        self._input_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self._ready, self._inputs = self.engine.event(device), self.engine.event(device)
 
     def _timestep_tables(self, call):
         if isinstance(call.timestep, torch.Tensor):
@@ -251,6 +265,7 @@ class LocalExecutor:
         if stream is not None and latent.is_cuda:
             latent.record_stream(stream)  # the pipeline may free x_k before this copy runs
         self._inputs.record(stream)
+        self._inputs.wait(self._pipeline_stream())  # ... or write it in place
         self._pending[lane].append(self._inputs)
         return target
 
@@ -338,6 +353,8 @@ class LocalExecutor:
             latent = self._buffers[lane].latent(slot)
         buffers = self._buffers[lane]
         cache = buffers.cache(slot) if compute is None else buffers.full_cache(slot)
+        if compute is not None:  # full_cache may have just zero-filled on the device's current stream
+            self._fence_current(self.lanes[lane].device, [stream])
         self._prepare_forward(lane, slot, tau, self._layout)
 
         def forward():
@@ -349,7 +366,7 @@ class LocalExecutor:
         else:
             key = (lane, phase, slot, self._layout, self._generation_layout)
             inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
-            out, record = self.graphs.run(key, lane, stream, forward, inputs)
+            out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
         self._finish_forward(lane, slot)
         self._rounds[lane] += 1
         if commit:
@@ -380,13 +397,19 @@ class LocalExecutor:
                 DeviceBuffers(lane.device, bp.received[d], bp.zeros[d], bp.latent[d], record, self._call.latent)
                 for d, lane in enumerate(self.lanes)
             ]
-            for device, fence in self._fence.items():  # zeroed on each device's current stream
-                fence.record(torch.cuda.current_stream(device) if device.type == "cuda" else None)
-                for lane in self.lanes:
-                    for stream in (lane.stream, lane.copy_stream, self._input_stream):
-                        if stream is not None:
-                            fence.wait(stream)
+            streams = [s for lane in self.lanes for s in (lane.stream, lane.copy_stream)] + [self._input_stream]
+            for device in self._fence:
+                self._fence_current(device, streams)
         self._buffers = layout.buffers
+
+    def _fence_current(self, device, streams):
+        """`streams` wait for what `device`'s current stream has queued (new buffers'
+        zero-fill happens there)."""
+        fence = self._fence[device]
+        fence.record(torch.cuda.current_stream(device) if device.type == "cuda" else None)
+        for stream in streams:
+            if stream is not None:
+                fence.wait(stream)
 
     def _emit(self, ins):
         stream = self._pipeline_stream()
