@@ -254,3 +254,34 @@ def test_parallelize_passes_graphs_to_the_local_executor(sd15):
             assert handle.denoiser.executor.graphs.enabled is graphs
         finally:
             handle.remove()
+
+
+def test_received_bytes_follow_the_real_sizes(sd15):
+    """Bytes are counted from the tensors moved: 4x at twice the resolution, equal in both
+    executors."""
+    per_generation = {}
+    for executor in ("reference", "local"):
+        for size in (16, 32):
+            handle = asyncdiff_rt.parallelize(sd15, executor=executor, n_components=2, devices="cpu*2")
+            try:
+                generate(sd15, size)
+                per_generation[executor, size] = handle.stats()["received_bytes_per_device"]
+            finally:
+                handle.remove()
+    assert per_generation["local", 16] == per_generation["reference", 16]
+    assert per_generation["local", 32] == per_generation["reference", 32]
+    assert [4 * b for b in per_generation["local", 16]] == per_generation["local", 32]
+
+
+def test_more_layouts_than_kept_evict_the_oldest(sd15):
+    from asyncdiff_rt.engine.local import MAX_LAYOUTS
+
+    sizes = (16, 32, 48, 64, 16)
+    ref, _ = _parallel(sd15, "reference", dict(n_components=2, devices="cpu*2"), sizes)
+    handle = asyncdiff_rt.parallelize(sd15, executor="local", n_components=2, devices="cpu*2")
+    try:
+        for size, expected in zip(sizes, ref):
+            assert torch.equal(generate(sd15, size), expected)
+            assert len(handle.denoiser.executor._layouts) <= MAX_LAYOUTS
+    finally:
+        handle.remove()
