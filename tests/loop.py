@@ -25,9 +25,11 @@ def unet_call_kwargs(unet, seed=0):
     return kwargs
 
 
-def denoise(unet, sched, steps, seed=0, size=8):
+def denoise(unet, sched, steps, seed=0, size=8, overwrite=False):
     """Run `steps` DDIM steps with classifier-free-guidance-sized batches on the UNet's
-    device and dtype; return the latents."""
+    device and dtype; return the latents. `overwrite`: the caller fills the tensors it
+    passed with NaN right after each call (on its stream) and passes new ones next time:
+    any copy of them that its stream does not wait for reads NaN."""
     weight = next(unet.parameters())
     sched.set_timesteps(steps, device=weight.device)
     g = torch.Generator().manual_seed(seed)
@@ -35,7 +37,12 @@ def denoise(unet, sched, steps, seed=0, size=8):
     kwargs = pytree.tree_map(lambda t: t.to(weight.device, weight.dtype), unet_call_kwargs(unet, seed))
     with torch.no_grad():
         for t in sched.timesteps:
-            eps = unet(torch.cat([latents] * 2), t, **kwargs, return_dict=False)[0]
+            latent_in = torch.cat([latents] * 2)
+            passed = pytree.tree_map(torch.clone, kwargs) if overwrite else kwargs
+            eps = unet(latent_in, t, **passed, return_dict=False)[0]
+            if overwrite:
+                for tensor in (latent_in, *pytree.tree_leaves(passed)):
+                    tensor.fill_(float("nan"))
             uncond, cond = eps.chunk(2)
             latents = sched.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
     return latents

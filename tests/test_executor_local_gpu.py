@@ -7,7 +7,6 @@ from itertools import chain
 
 import pytest
 import torch
-import torch.utils._pytree as pytree
 
 from asyncdiff_rt.async_denoiser import AsyncDenoiser
 from asyncdiff_rt.engine import make_executor
@@ -240,25 +239,7 @@ SLOW = [(2, 1), (3, 2)]
 
 
 def denoise_overwriting(unet, sched, steps=STEPS, seed=0, size=16):
-    """`denoise` (the same values), but the caller fills the tensors it passed with NaN on
-    its own stream right after each denoiser call, frees them, and makes new ones for the
-    next step: any copy of them the caller's stream does not wait for reads NaN."""
-    weight = next(unet.parameters())
-    sched.set_timesteps(steps, device=weight.device)
-    g = torch.Generator().manual_seed(seed)
-    latents = torch.randn(1, unet.config.in_channels, size, size, generator=g).to(weight.device, weight.dtype)
-    kwargs = pytree.tree_map(lambda t: t.to(weight.device, weight.dtype), unet_call_kwargs(unet, seed))
-    with torch.no_grad():
-        for t in sched.timesteps:
-            latent_in = torch.cat([latents] * 2)
-            mine = pytree.tree_map(torch.clone, kwargs)
-            eps = unet(latent_in, t, **mine, return_dict=False)[0]
-            for tensor in (latent_in, *pytree.tree_leaves(mine)):
-                tensor.fill_(float("nan"))
-            del latent_in, mine
-            uncond, cond = eps.chunk(2)
-            latents = sched.step(uncond + 3.0 * (cond - uncond), t, latents).prev_sample
-    return latents
+    return loop.denoise(unet, sched, steps, seed, size=size, overwrite=True)
 
 
 @pytest.mark.parametrize("n, stride", SLOW)
