@@ -28,8 +28,9 @@ log = logging.getLogger(__name__)
 
 class AsyncDenoiser(torch.nn.Module):
     def __init__(self, denoiser, plan, executor, scheduler_source, rebuild=None):
-        """`scheduler_source()`: the scheduler in use now; `rebuild()`: a new (plan,
-        executor) for the denoiser as it is now (None: a change is an error)."""
+        """`scheduler_source()`: the scheduler in use now; `rebuild(call)`: a new (plan,
+        executor) for the denoiser as it is now, traced from `call` (None: a change is an
+        error). `plan` and `executor` None: they are made from the first call."""
         super().__init__()
         self.denoiser = denoiser
         self.plan = plan
@@ -128,7 +129,7 @@ class AsyncDenoiser(torch.nn.Module):
         return [float(v) for v in scheduler.timesteps.tolist()]  # a host read: once per new list
 
     def _begin(self, scheduler, call):
-        self._follow_changes()
+        self._follow_changes(call)
         timesteps = scheduler.timesteps
         values = self._list_values(scheduler)
         start = self._begin_index = getattr(scheduler, "begin_index", None)
@@ -154,21 +155,27 @@ class AsyncDenoiser(torch.nn.Module):
         self._shapes = call.shapes()
         self.executor.start(program, steps[offset:])
 
-    def _follow_changes(self):
-        """Build the plan and executor again if the denoiser changed since they were built."""
+    def _follow_changes(self, call):
+        """Make the plan and executor at the first call when they wait for it; build them
+        again if the denoiser changed since they were built."""
         now = fingerprint(self.denoiser)
-        if now == self._fingerprint:
+        if self.plan is not None and now == self._fingerprint:
             return
-        what = first_change(self._fingerprint, now)
-        if self._rebuild is None:
-            raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
-        log.info("the denoiser changed after parallelize (%s): planning it again", what)
-        stats = self.executor.stats
-        self.executor.close()
-        self.plan, self.executor = self._rebuild()
-        self.executor.stats.absorb(stats)
+        if self.plan is not None:
+            what = first_change(self._fingerprint, now)
+            if self._rebuild is None:
+                raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
+            log.info("the denoiser changed after parallelize (%s): planning it again", what)
+            old = self.executor
+            self.plan = self.executor = None  # a failed rebuild leaves nothing half-made
+            old.close()
+            self.rebuilds += 1
+        else:
+            old = None
+        self.plan, self.executor = self._rebuild(call)
+        if old is not None:
+            self.executor.stats.absorb(old.stats)
         self._fingerprint = fingerprint(self.denoiser)
-        self.rebuilds += 1
 
 
 def _scalar(t):

@@ -1,13 +1,21 @@
 """A Plan ties one denoiser's units, partition and dataflow to the AsyncDiff settings,
 and builds the program for a given number of steps."""
+import weakref
 from dataclasses import dataclass, field
 
+import torch
+import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import FakeTensorMode
+
 from .dataflow import broadcast_bytes_per_step, bytes_per_step, transfer_plan
+from .fingerprint import fingerprint
 from .partition import resolve_partition
 from .schedule import build_program, critical_path_steps, ideal_speedup, validate_settings
 from .units import find_units
 
 _PROGRAMS_KEPT = 8  # step counts a plan keeps programs for
+_TRACES = weakref.WeakKeyDictionary()  # denoiser -> {(fingerprint, inputs): UnitGraph}
+_TRACES_KEPT = 4  # input layouts per denoiser
 
 
 @dataclass(frozen=True)
@@ -89,7 +97,27 @@ def make_plan(denoiser, make_inputs, n_components=2, stride=1, warmup=1, time_sh
               partition="auto", stride_reuse="component", prune=True):
     """Validate the settings, find the units and build the plan; no device work."""
     validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
-    graph = find_units(denoiser, make_inputs)
+    graph = traced_units(denoiser, make_inputs)
     parts = resolve_partition(graph, n_components, partition, denoiser)
     transfers = transfer_plan(graph, parts, stride, prune=prune)
     return Plan(graph, parts, stride, warmup, time_shift, stride_reuse, transfers)
+
+
+def traced_units(denoiser, make_inputs):
+    """`find_units`, once per (denoiser as it is now, input layout): a second plan of the
+    same model at the same inputs (another N, another partition) costs no trace."""
+    key = (fingerprint(denoiser), _describe(make_inputs))
+    traces = _TRACES.setdefault(denoiser, {})
+    if key not in traces:
+        if len(traces) >= _TRACES_KEPT:
+            del traces[next(iter(traces))]
+        traces[key] = find_units(denoiser, make_inputs)
+    return traces[key]
+
+
+def _describe(make_inputs):
+    """Shapes, dtypes and devices of the example inputs (and their other values)."""
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        leaves = pytree.tree_leaves(make_inputs())
+    return tuple((tuple(t.shape), t.dtype, str(t.device)) if isinstance(t, torch.Tensor) else repr(t)
+                 for t in leaves)

@@ -4,6 +4,8 @@ what each one reads (provenance through the glue between them), its outputs and 
 Nothing is computed: real weights are wrapped as fake tensors, so tracing SDXL at
 1024 px costs seconds and no memory. `units.py` and `dataflow.py` read the result.
 """
+import contextlib
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -106,6 +108,24 @@ def _specs(obj):
     )
 
 
+class TraceError(RuntimeError):
+    """The denoiser's forward failed on the trace's inputs (e.g. example inputs that miss
+    an argument this model class needs)."""
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """Fake-tensor dispatch logs every op it cannot run before the error surfaces; the
+    error itself says enough."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def trace_denoiser(denoiser, make_inputs):
     """Run `denoiser(*args, **kwargs)` once on fake tensors with hooks.
 
@@ -141,13 +161,16 @@ def trace_denoiser(denoiser, make_inputs):
         handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = make_inputs()
             with FlopCounterMode(display=False) as counter, prov:
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
                 prov.mark((cond_args, cond_kwargs), frozenset([COND]))
-                output = denoiser(latent, timestep, *cond_args, **cond_kwargs)
+                try:
+                    output = denoiser(latent, timestep, *cond_args, **cond_kwargs)
+                except Exception as e:
+                    raise TraceError(f"{root} did not run on these inputs ({type(e).__name__}: {e})") from e
             output_reads = prov.sources(output)
     finally:
         for h in handles:

@@ -46,6 +46,19 @@ class DenoiserCall:
         return tuple((tuple(t.shape), t.dtype, str(t.device)) for t in pytree.tree_leaves(dict(self.arguments))
                      if isinstance(t, torch.Tensor) and t is not self.timestep)
 
+    def example(self):
+        """A `make_inputs` for the trace (trace.py) with this call's shapes, dtypes,
+        devices and other arguments: the plan is made from what the pipeline really passes."""
+        def make():
+            fake = {k: pytree.tree_map(_empty_like, v) for k, v in self._bound.arguments.items()}
+            bound = inspect.BoundArguments(self._bound.signature, fake)
+            args = bound.args
+            if len(args) < 2:
+                raise TypeError("the denoiser must receive its latent and timestep positionally or by their names")
+            return args[0], args[1], args[2:], bound.kwargs
+
+        return make
+
     def run(self, latent, tau):
         """Call the denoiser with this call's other arguments, `latent` and timestep `tau`
         (a value from the scheduler's timesteps, given the type and shape of the original)."""
@@ -60,3 +73,10 @@ def _like(original, value):
         value = torch.as_tensor(value).to(device=original.device, dtype=original.dtype)
         return value.expand(original.shape)
     return type(original)(value.item() if isinstance(value, torch.Tensor) else value)
+
+
+def _empty_like(value):
+    """Inside the trace's fake mode: a fake tensor like `value` (no data is read)."""
+    if isinstance(value, torch.Tensor):
+        return torch.empty(value.shape, dtype=value.dtype, device=value.device)
+    return value

@@ -1,11 +1,15 @@
 """`parallelize(pipe, ...)`: swap a diffusers pipeline's UNet for an AsyncDenoiser."""
+import logging
+
 import torch
 
 from ..async_denoiser import AsyncDenoiser
 from ..engine import make_executor
 from ..plan import make_plan
 from ..settings import check_settings
-from ..trace import unet_inputs
+from ..trace import TraceError, unet_inputs
+
+log = logging.getLogger(__name__)
 
 
 class AsyncDiffHandle:
@@ -17,6 +21,7 @@ class AsyncDiffHandle:
 
     @property
     def plan(self):
+        """The plan; None until the first call for a UNet whose inputs only the pipeline knows."""
         return self._wrapper.plan
 
     @property
@@ -30,6 +35,8 @@ class AsyncDiffHandle:
 
     def stats(self):
         executor = self._wrapper.executor
+        if executor is None:  # planned at the first call
+            return {"executor": None, "generations": 0, "rebuilds": self._wrapper.rebuilds}
         out = {"executor": executor.name, **executor.stats.as_dict(), "rebuilds": self._wrapper.rebuilds}
         if hasattr(executor, "weights_per_device"):
             out["weight_bytes_per_device"] = executor.weights_per_device()
@@ -81,12 +88,19 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
 
-    def build():  # at parallelize, and again when the UNet changed since (see AsyncDenoiser)
-        plan = make_plan(unet, unet_inputs(unet), n_components, stride, warmup, time_shift, partition, stride_reuse)
+    def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)
+        inputs = call.example() if call is not None else _example_inputs(unet)
+        plan = make_plan(unet, inputs, n_components, stride, warmup, time_shift, partition, stride_reuse)
         options = {"graphs": graphs} if executor == "local" else {}
         return plan, make_executor(executor, unet, plan, devices, **options)
 
-    wrapper = AsyncDenoiser(unet, *build(), lambda: pipe.scheduler, rebuild=build)
+    planned = (None, None)
+    if _example_inputs(unet) is not None:
+        try:
+            planned = build()
+        except TraceError as e:  # the real call will have what the example lacked
+            log.info("the plan waits for the pipeline's first call: %s", e)
+    wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__["unet"] = wrapper
     pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, unet, wrapper)
@@ -106,3 +120,11 @@ def _saving_the_original(pipe, original, wrapper):
             pipe.__dict__["unet"] = wrapper
 
     return save_pretrained
+
+
+def _example_inputs(unet):
+    """Inputs built for the UNet's class, or None: then the plan waits for the first call."""
+    try:
+        return unet_inputs(unet)
+    except TypeError:
+        return None

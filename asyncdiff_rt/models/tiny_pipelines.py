@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .configs import build_unet
+from .configs import UNET_CONFIGS, build_unet
 
 _TEXT = dict(hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2,
              max_position_embeddings=16, projection_dim=16)
@@ -47,25 +47,30 @@ def _vae():
     ).eval()
 
 
-def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None):
-    """A tiny random `StableDiffusion[XL][Img2Img]Pipeline` of `family` (sd15, sd21, sdxl).
+def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None, inpaint=False):
+    """A tiny random `StableDiffusion[XL][Img2Img|Inpaint]Pipeline` of `family` (sd15,
+    sd21, sdxl); `inpaint`: with a 9-channel UNet (latent, mask, masked image latent).
     Latents are 8x8 for a 16x16 image (the tiny VAE downsamples by 2)."""
     import diffusers
 
     torch.manual_seed(seed)
-    unet = build_unet(f"tiny-{family}", device="cpu", dtype=torch.float32, seed=seed).eval()
+    if inpaint:
+        unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS[f"tiny-{family}"], "in_channels": 9}).eval()
+    else:
+        unet = build_unet(f"tiny-{family}", device="cpu", dtype=torch.float32, seed=seed).eval()
     scheduler = scheduler or diffusers.DDIMScheduler(
         num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
         clip_sample=False, set_alpha_to_one=False,
     )
     tokenizer = tiny_tokenizer()
     parts = dict(unet=unet, vae=_vae(), scheduler=scheduler, tokenizer=tokenizer)
+    task = "Inpaint" if inpaint else "Img2Img" if img2img else ""
     if family == "sdxl":
-        name = "StableDiffusionXLImg2ImgPipeline" if img2img else "StableDiffusionXLPipeline"
+        name = f"StableDiffusionXL{task}Pipeline"
         parts.update(text_encoder=_text_encoder(tokenizer), text_encoder_2=_text_encoder(tokenizer, True),
                      tokenizer_2=tokenizer)
     else:
-        name = "StableDiffusionImg2ImgPipeline" if img2img else "StableDiffusionPipeline"
+        name = f"StableDiffusion{task}Pipeline"
         parts.update(text_encoder=_text_encoder(tokenizer), safety_checker=None, feature_extractor=None,
                      requires_safety_checker=False)
     pipe = getattr(diffusers, name)(**parts)

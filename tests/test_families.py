@@ -1,0 +1,79 @@
+"""Every UNet pipeline of the paper and the reference code, small and random, built
+offline: W = K equals the sequential pipeline exactly, W = 1 runs and differs a little,
+N = 3 with S = 2 runs, the local executor on `cpu*N` equals the reference executor bit
+for bit, and `remove()` restores the pipeline."""
+import warnings
+
+import pytest
+import torch
+
+import asyncdiff_rt
+from asyncdiff_rt.async_denoiser import AsyncDenoiser
+from asyncdiff_rt.models import tiny_pipelines as tiny
+
+warnings.filterwarnings("ignore")
+STEPS = 4
+IMAGE = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+MASK = torch.zeros(1, 1, 16, 16)
+MASK[..., 4:12, 4:12] = 1
+
+
+def _image_call(**kwargs):
+    return lambda pipe, seed: pipe("a red cube", num_inference_steps=STEPS, height=16, width=16,
+                                   output_type="latent", generator=torch.Generator().manual_seed(seed),
+                                   **kwargs).images
+
+
+# family -> (pipeline factory, call(pipe, seed) -> latents)
+FAMILIES = {
+    "controlnet-sd": (lambda: tiny.tiny_controlnet_pipeline("sd15"), _image_call(image=IMAGE)),
+    "controlnet-sdxl": (lambda: tiny.tiny_controlnet_pipeline("sdxl"), _image_call(image=IMAGE)),
+    "multi-controlnet": (lambda: tiny.tiny_controlnet_pipeline("sd15", controlnets=2),
+                         _image_call(image=[IMAGE, IMAGE.flip(-1)])),
+    "sdxl-inpaint": (lambda: tiny.tiny_sd_pipeline("sdxl", inpaint=True),
+                     _image_call(image=IMAGE, mask_image=MASK, strength=1.0)),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    make, call = FAMILIES[request.param]
+    pipe = make()
+    return request.param, pipe, call, call(pipe, 0)
+
+
+def parallel(pipe, call, seed=0, **settings):
+    handle = asyncdiff_rt.parallelize(pipe, **settings)
+    try:
+        return call(pipe, seed), handle.stats()
+    finally:
+        handle.remove()
+
+
+def test_warmup_over_all_steps_is_sequential(family):
+    name, pipe, call, sequential = family
+    for executor in ("reference", "local"):
+        out, stats = parallel(pipe, call, n_components=2, warmup=STEPS, executor=executor, devices="cpu*2")
+        assert torch.equal(out, sequential), (name, executor)
+        assert stats["steps"] == {"warmup": STEPS}
+
+
+@pytest.mark.parametrize("settings", [dict(n_components=2, warmup=1), dict(n_components=3, stride=2, warmup=1)],
+                         ids=["2x1", "3x2"])
+def test_local_equals_reference_and_differs_a_little_from_sequential(family, settings):
+    name, pipe, call, sequential = family
+    devices = f"cpu*{settings['n_components'] + settings.get('stride', 1) - 1}"
+    ref, _ = parallel(pipe, call, executor="reference", devices=devices, **settings)
+    local, stats = parallel(pipe, call, executor="local", devices=devices, **settings)
+    assert torch.equal(local, ref), name
+    assert not torch.equal(ref, sequential) and torch.isfinite(ref).all()
+    assert (ref - sequential).norm() < 0.5 * sequential.norm(), name  # a little: same picture
+    assert stats["steps"].get("warmup") == 1 and stats["rebuilds"] == 0
+
+
+def test_remove_restores_the_pipeline(family):
+    name, pipe, call, sequential = family
+    original = pipe.unet
+    parallel(pipe, call, n_components=2, warmup=1)
+    assert pipe.unet is original and not isinstance(pipe.unet, AsyncDenoiser)
+    assert torch.equal(call(pipe, 0), sequential), name
