@@ -44,6 +44,7 @@ class AsyncDenoiser(torch.nn.Module):
         self._k = self._num_steps = 0
         self.rebuilds = 0
         self.removed = False
+        self._planned_from_call = False  # else from example inputs built for the model class
 
     def __getattr__(self, name):
         # Pipelines read the denoiser's config, dtype, device, add_embedding, ...
@@ -156,23 +157,28 @@ class AsyncDenoiser(torch.nn.Module):
         self.executor.start(program, steps[offset:])
 
     def _follow_changes(self, call):
-        """Make the plan and executor at the first call when they wait for it; build them
-        again if the denoiser changed since they were built."""
+        """Make the plan and executor at the first call when they wait for it; make them
+        again if the denoiser changed since, or if the call passes tensor arguments the
+        plan has not seen (e.g. ControlNet residuals the example inputs lacked: planned
+        from the call, each device is sent only the arguments its units read)."""
         now = fingerprint(self.denoiser)
-        if self.plan is not None and now == self._fingerprint:
-            return
-        if self.plan is not None:
-            what = first_change(self._fingerprint, now)
-            if self._rebuild is None:
-                raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
-            log.info("the denoiser changed after parallelize (%s): planning it again", what)
-            old = self.executor
+        old, source = self.executor, call
+        if old is not None:
+            if now != self._fingerprint:
+                what = first_change(self._fingerprint, now)
+                if self._rebuild is None:
+                    raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
+                log.info("the denoiser changed after parallelize (%s): planning it again", what)
+                self.rebuilds += 1
+                source = call if self._planned_from_call else None  # the same inputs: the same partition
+            elif call.argument_labels() <= self.plan.graph.arguments.keys():
+                return
+            else:
+                log.info("the call passes arguments the plan has not seen: planning from the call")
             self.plan = self.executor = None  # a failed rebuild leaves nothing half-made
             old.close()
-            self.rebuilds += 1
-        else:
-            old = None
-        self.plan, self.executor = self._rebuild(call)
+        self.plan, self.executor = self._rebuild(source)
+        self._planned_from_call = source is not None
         if old is not None:
             self.executor.stats.absorb(old.stats)
         self._fingerprint = fingerprint(self.denoiser)

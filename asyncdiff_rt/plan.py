@@ -54,7 +54,7 @@ class Plan:
         """The plan's figures as plain data (what `asyncdiff-rt plan --json` prints)."""
         g, loads = self.graph, self.partition.loads(self.graph)
         total = sum(loads) + g.shared_flops
-        ours = bytes_per_step(self.program(max(num_steps, self.warmup)), g)
+        ours = bytes_per_step(self.program(max(num_steps, self.warmup)), g, self.transfers)
         return {
             "n_components": self.n_components, "stride": self.stride, "warmup": self.warmup,
             "devices": self.n_devices, "partition": self.partition.strategy,
@@ -71,6 +71,7 @@ class Plan:
             "ideal_speedup_formula": "K*(L+s) / (W*(L+s) + F*(max_c+s)); L = sum of component FLOPs, "
             "s = shared FLOPs every device repeats, F = asynchronous steps that run a forward",
             "bytes_per_step": ours,
+            "arguments_per_device": [list(a) for a in self.transfers.reads_arguments or ()],
             "broadcast_bytes_per_step": broadcast_bytes_per_step(g, self.partition, self.stride),
         }
 
@@ -90,6 +91,12 @@ class Plan:
         lines.append(f"  ideal speedup at K={s['num_steps']}: {s['ideal_speedup']:.2f}x  [{s['ideal_speedup_formula']}]")
         for d, (ours, ref) in enumerate(zip(s["bytes_per_step"], s["broadcast_bytes_per_step"])):
             lines.append(f"  device {d} receives {ours / 2**20:8.2f} MiB/step (reference broadcast: {ref / 2**20:8.2f})")
+        residuals = [a for a in self.graph.arguments if "residual" in a]
+        if residuals:  # a ControlNet's: it runs in the pipeline, on its device (the host)
+            got = ", ".join(f"device {d}: {sum(a in residuals for a in reads)}"
+                            for d, reads in enumerate(s["arguments_per_device"]))
+            lines.append(f"  ControlNet residuals ({len(residuals)}): computed by the pipeline on its device each "
+                         f"step; each device receives those its units read ({got})")
         return "\n".join(lines)
 
 

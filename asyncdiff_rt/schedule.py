@@ -97,6 +97,14 @@ class TransferPlan:
     receives: tuple  # per device: units whose cache it needs from their owners
     reads_latent: tuple  # per device: whether its units read the latent
     emit_reads: tuple  # units the denoiser's output is assembled from (reuse steps)
+    reads_arguments: tuple = None  # per device: labels of the call arguments it needs (None: all)
+    known_arguments: frozenset = frozenset()  # labels the trace saw (others always go everywhere)
+
+    def skipped_arguments(self, device):
+        """Labels of call arguments `device` does not need in its asynchronous forwards."""
+        if self.reads_arguments is None:
+            return frozenset()
+        return self.known_arguments - set(self.reads_arguments[device])
 
 
 @dataclass(frozen=True)

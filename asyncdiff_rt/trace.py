@@ -5,6 +5,7 @@ Nothing is computed: real weights are wrapped as fake tensors, so tracing SDXL a
 1024 px costs seconds and no memory. `units.py` and `dataflow.py` read the result.
 """
 import contextlib
+import inspect
 import logging
 from dataclasses import dataclass
 
@@ -13,6 +14,8 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
+
+from .arguments import labelled_leaves, other_arguments
 
 LATENT, TIMESTEP, COND = "<latent>", "<timestep>", "<cond>"
 
@@ -47,6 +50,7 @@ class Trace:
     calls: tuple  # ModuleCall in execution order (first call)
     output_reads: frozenset  # sources of the denoiser's output
     latent: TensorSpec
+    arguments: dict  # label (arguments.py) -> TensorSpec of each tensor argument but latent and timestep
     total_flops: int
 
 
@@ -166,7 +170,7 @@ def trace_denoiser(denoiser, make_inputs):
             with FlopCounterMode(display=False) as counter, prov:
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
-                prov.mark((cond_args, cond_kwargs), frozenset([COND]))
+                arguments = _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs)
                 try:
                     output = denoiser(latent, timestep, *cond_args, **cond_kwargs)
                 except Exception as e:
@@ -184,42 +188,34 @@ def trace_denoiser(denoiser, make_inputs):
         ),
         output_reads=output_reads,
         latent=TensorSpec(tuple(latent.shape), latent.dtype),
+        arguments=arguments,
         total_flops=sum(counts.get("Global", {}).values()),
     )
+
+
+def _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs):
+    """Mark each tensor argument with its own label (and COND); {label: TensorSpec}."""
+    signature = inspect.signature(denoiser.forward)
+    bound = signature.bind(latent, timestep, *cond_args, **cond_kwargs)
+    names = list(signature.parameters)
+    out = {}
+    for label, leaf in labelled_leaves(other_arguments(bound.arguments, names[0], names[1])):
+        if isinstance(leaf, torch.Tensor):
+            prov.mark(leaf, frozenset([COND, label]))
+            out[label] = TensorSpec(tuple(leaf.shape), leaf.dtype)
+    return out
 
 
 def unet_inputs(denoiser, batch=2, height=None, width=None, text_len=77):
     """A `make_inputs` for a diffusers `UNet2DConditionModel`-like denoiser, from its config.
 
-    `height`/`width` are in latent pixels (default: the config's `sample_size`).
+    `height`/`width` are in latent pixels (default: the config's `sample_size`). The
+    builders live in example_inputs.py: a known diffusers class (also the video UNets, at
+    their default frame counts) gets its own, anything else the UNet2DConditionModel-style
+    one, which needs `in_channels`, `sample_size` and `cross_attention_dim` in its config.
     """
-    config = getattr(denoiser, "config", None)
-    needed = ("in_channels", "sample_size", "cross_attention_dim")
-    if config is None or any(not hasattr(config, k) for k in needed):
-        raise TypeError(
-            f"{type(denoiser).__name__} has no UNet2DConditionModel-style config "
-            f"({', '.join(needed)}); pass example inputs for it explicitly"
-        )
-    size = config.sample_size
-    size = size if isinstance(size, (tuple, list)) else (size, size)
-    h, w = height or size[0], width or size[1]
-    param = next(denoiser.parameters())
-    device, dtype = param.device, param.dtype
-    cross = config.cross_attention_dim
-    cross = cross[0] if isinstance(cross, (tuple, list)) else cross
+    from .example_inputs import _known_class, example_inputs, unet2d_inputs
 
-    def make():
-        latent = torch.empty(batch, config.in_channels, h, w, device=device, dtype=dtype)
-        timestep = torch.tensor(999.0, device=device)
-        kwargs = {"encoder_hidden_states": torch.empty(batch, text_len, cross, device=device, dtype=dtype)}
-        if getattr(config, "addition_embed_type", None) == "text_time":
-            text_dim = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
-            kwargs["added_cond_kwargs"] = {
-                "text_embeds": torch.empty(batch, text_dim, device=device, dtype=dtype),
-                "time_ids": torch.empty(batch, 6, device=device, dtype=dtype),
-            }
-        if getattr(config, "time_cond_proj_dim", None):
-            kwargs["timestep_cond"] = torch.empty(batch, config.time_cond_proj_dim, device=device, dtype=dtype)
-        return latent, timestep, (), kwargs
-
-    return make
+    if _known_class(denoiser) is not None:
+        return example_inputs(denoiser, batch=batch, height=height, width=width, text_len=text_len)
+    return unet2d_inputs(denoiser, batch=batch, height=height, width=width, text_len=text_len)

@@ -1,5 +1,5 @@
 """Units: the placeable blocks of a denoiser, in execution order, with outputs and costs."""
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from .trace import trace_denoiser
 
@@ -25,6 +25,7 @@ class UnitGraph:
     output_reads: frozenset  # what the denoiser's output derives from
     latent_nbytes: int
     total_flops: int
+    arguments: dict = field(default_factory=dict)  # argument label -> TensorSpec (arguments.py)
 
     @property
     def paths(self):
@@ -58,4 +59,5 @@ def find_units(denoiser, make_inputs):
         output_reads=trace.output_reads,
         latent_nbytes=trace.latent.nbytes,
         total_flops=trace.total_flops,
+        arguments=trace.arguments,
     )

@@ -74,6 +74,7 @@ def test_local_equals_reference_bit_for_bit(unets, family, settings, generations
     assert stats["transfers"] == g * ref_stats["transfers"]
     assert stats["steps"] == {p: g * c for p, c in ref_stats["steps"].items()}
     assert stats["forwards_per_device"] == [g * f for f in ref_stats["forwards_per_device"]]
+    assert stats["argument_bytes_per_device"] == [g * b for b in ref_stats["argument_bytes_per_device"]]
 
 
 def test_reuse_step_takes_the_cached_output_as_the_glue_forward_would(unets, monkeypatch):

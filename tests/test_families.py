@@ -77,3 +77,23 @@ def test_remove_restores_the_pipeline(family):
     parallel(pipe, call, n_components=2, warmup=1)
     assert pipe.unet is original and not isinstance(pipe.unet, AsyncDenoiser)
     assert torch.equal(call(pipe, 0), sequential), name
+
+
+def test_controlnet_residuals_go_only_where_they_are_read():
+    """The plan is made from the call that carries the residuals: each device is sent the
+    residuals its units read (and counted), all of them reach some device, none all."""
+    pipe = tiny.tiny_controlnet_pipeline("sd15")
+    call = FAMILIES["controlnet-sd"][1]
+    handle = asyncdiff_rt.parallelize(pipe, executor="local", devices="cpu*2", n_components=2, partition="upstream")
+    try:
+        call(pipe, 0)
+        plan, stats = handle.plan, handle.stats()
+    finally:
+        handle.remove()
+    residuals = {a for a in plan.graph.arguments if "residual" in a}
+    per_device = [residuals & set(reads) for reads in plan.transfers.reads_arguments]
+    assert len(residuals) == 13 and set().union(*per_device) == residuals  # 12 skips + the middle
+    assert all(0 < len(got) < len(residuals) for got in per_device)
+    assert "ControlNet residuals (13)" in plan.describe()
+    sent = stats["argument_bytes_per_device"]
+    assert sent[0] != sent[1] and min(sent) > 0

@@ -1,64 +1,157 @@
 """`asyncdiff-rt plan`: the plan for a known architecture or a local model folder,
-built on the meta device (no weights, no network)."""
+built on the meta device (no weights, no network).
+
+Sizes default to what the family's diffusers pipeline generates: SD 1.5 512, SD 2.1 768,
+SDXL 1024, SVD 25 frames (the config's num_frames) at 576x1024, AnimateDiff 16 frames at
+512 (SDXL: 1024), the x4 upscaler 512 (a 128x128 low-resolution input; its latent is
+128x128). --resolution/--height/--width are in output pixels.
+"""
 import json
 from pathlib import Path
 
-import torch
+from ..cli import Refusal
 
-from ..models.configs import MODEL_ALIASES, build_unet
-from ..plan import make_plan
-from ..trace import unet_inputs
-
-_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+_DTYPES = ("bf16", "fp16", "fp32")
+NAMED = ("sd15", "sd21", "sdxl", "svd", "animatediff", "animatediff-sdxl", "upscaler")
+FOLDER_CLASSES = ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel", "UNetMotionModel",
+                  "UNet3DConditionModel")
+VIDEO_CLASSES = FOLDER_CLASSES[1:]
+SVD_PIXELS = (576, 1024)  # StableVideoDiffusionPipeline's default height and width
 
 
 def register(subparsers):
     p = subparsers.add_parser("plan", help="print units per component, balance, ideal speedup and bytes moved",
                               description=__doc__)
-    p.add_argument("--model", default="sd15", help="sd15, sd21, sdxl, or a folder with a UNet config.json "
-                   "(a diffusers model folder, or a pipeline folder with unet/config.json)")
+    p.add_argument("--model", default="sd15", help=f"{', '.join(NAMED)}, or a folder: a diffusers model folder "
+                   "(config.json; its _class_name picks the class) or a pipeline folder (model_index.json, "
+                   "unet/config.json)")
     p.add_argument("-n", "--n-components", type=int, default=2)
     p.add_argument("-s", "--stride", type=int, default=1)
     p.add_argument("-w", "--warmup", type=int, default=1)
     p.add_argument("--steps", type=int, default=50, help="denoising steps for the ideal speedup")
     p.add_argument("--partition", default="auto", choices=["auto", "upstream"])
-    p.add_argument("--resolution", type=int, default=None, help="image side in pixels (default: the model's)")
-    p.add_argument("--dtype", default="fp16", choices=sorted(_DTYPES))
+    p.add_argument("--resolution", type=int, default=None,
+                   help="output side in pixels, height and width (default: the pipeline's)")
+    p.add_argument("--height", type=int, default=None, help="output height in pixels (overrides --resolution)")
+    p.add_argument("--width", type=int, default=None, help="output width in pixels (overrides --resolution)")
+    p.add_argument("--frames", type=int, default=None,
+                   help="video frames (default: SVD its config's num_frames, 25 for img2vid-xt; AnimateDiff 16)")
+    p.add_argument("--dtype", default="fp16", choices=_DTYPES)
     p.add_argument("--batch", type=int, default=2, help="2 = classifier-free guidance")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run)
 
 
-def load_meta_unet(model, dtype):
-    """A weightless UNet: a known family by name, or the config.json of a local folder."""
-    if model.lower() in MODEL_ALIASES:
-        return build_unet(MODEL_ALIASES[model.lower()], dtype=dtype), 8
+def _one_line(error):
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def _read_json(path):
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise Refusal(f"cannot read {path}: {_one_line(e)}") from None
+
+
+def load_meta_denoiser(model, dtype):
+    """(weightless denoiser, VAE factor or None): a known family by name, or the config
+    of a local folder. Refuses what it cannot build."""
+    from ..models.configs import MODEL_ALIASES, VAE_FACTORS, build_from_config, build_unet
+
+    name = MODEL_ALIASES.get(model.lower())
+    if name is not None:
+        return build_unet(name, dtype=dtype), VAE_FACTORS.get(name, 8)
     folder = Path(model)
     config_path = next((p for p in (folder / "unet" / "config.json", folder / "config.json") if p.is_file()), None)
+    index_path = folder / "model_index.json"
     if config_path is None:
-        raise SystemExit(f"--model {model!r} is neither sd15, sd21, sdxl nor a folder holding config.json "
-                         "or unet/config.json")
-    from diffusers import UNet2DConditionModel
-
-    config = json.loads(config_path.read_text())
-    with torch.device("meta"):
-        unet = UNet2DConditionModel.from_config(config)
+        if index_path.is_file():
+            unet = _read_json(index_path).get("unet")
+            raise Refusal(f"the pipeline folder {model!r} has no unet/config.json" if unet else
+                          f"the pipeline folder {model!r} has no unet (model_index.json names no 'unet')")
+        raise Refusal(f"--model {model!r} is neither {', '.join(NAMED)} nor a folder holding config.json "
+                      "or unet/config.json")
+    config = _read_json(config_path)
+    if not isinstance(config, dict):
+        raise Refusal(f"{config_path} holds no model config")
+    class_name = config.get("_class_name")
+    if class_name is None and index_path.is_file() and config_path.parent.name == "unet":
+        entry = _read_json(index_path).get("unet")
+        class_name = entry[-1] if isinstance(entry, (list, tuple)) and entry else None
+    class_name = class_name or "UNet2DConditionModel"
+    if class_name not in FOLDER_CLASSES:
+        raise Refusal(f"{config_path} describes {class_name}, not a denoiser plan knows "
+                      f"({', '.join(FOLDER_CLASSES)})")
+    try:
+        denoiser = build_from_config(class_name, {**config, "_class_name": class_name}, dtype=dtype)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise Refusal(f"{config_path} does not build a {class_name}: {_one_line(e)}") from None
     vae_config = folder / "vae" / "config.json"
-    factor = 2 ** (len(json.loads(vae_config.read_text())["block_out_channels"]) - 1) if vae_config.is_file() else 8
-    return torch.nn.Module.to(unet, dtype), factor
+    factor = None
+    if vae_config.is_file():
+        factor = 2 ** (len(_read_json(vae_config).get("block_out_channels", [0])) - 1)
+    return denoiser, factor
+
+
+def _sizes(args, denoiser, family, factor):
+    """(height, width) in pixels, frames or None, VAE factor; refused when impossible."""
+    from ..models.configs import VAE_FACTORS
+
+    kind = type(denoiser).__name__
+    factor = factor or VAE_FACTORS.get(family, 8)
+    if kind == "UNetSpatioTemporalConditionModel":
+        default = SVD_PIXELS
+    else:
+        side = denoiser.config.sample_size
+        side = side if isinstance(side, (tuple, list)) else (side, side)
+        default = None if side[0] is None else (side[0] * factor, side[1] * factor)
+    height = args.height or args.resolution or (default and default[0])
+    width = args.width or args.resolution or (default and default[1])
+    if not height or not width:
+        raise Refusal(f"this {kind} has no sample_size: give --resolution (or --height and --width)")
+    multiple = factor * 2 ** (len(denoiser.config.block_out_channels) - 1)
+    for flag, value in (("--height", args.height), ("--width", args.width), ("--resolution", args.resolution)):
+        if value is not None and (value <= 0 or value % multiple):
+            raise Refusal(f"{flag} {value} must be a multiple of {multiple} for this model")
+    frames = args.frames
+    if kind not in VIDEO_CLASSES:
+        if frames is not None:
+            raise Refusal(f"--frames applies to video denoisers; {args.model} is an image {kind}")
+    elif frames is None:
+        frames = denoiser.config.num_frames if kind == "UNetSpatioTemporalConditionModel" else 16
+    elif frames < 1:
+        raise Refusal(f"--frames {frames} must be at least 1")
+    return height, width, frames, factor
 
 
 def run(args):
-    unet, vae_factor = load_meta_unet(args.model, _DTYPES[args.dtype])
-    side = args.resolution // vae_factor if args.resolution else None
-    if args.resolution and args.resolution % (vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)):
-        raise SystemExit(f"--resolution {args.resolution} must be a multiple of "
-                         f"{vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)} for this model")
-    plan = make_plan(unet, unet_inputs(unet, batch=args.batch, height=side, width=side), args.n_components,
-                     args.stride, args.warmup, partition=args.partition)
+    import torch
+
+    from ..example_inputs import example_inputs
+    from ..plan import make_plan
+    from ..trace import TraceError
+    from ..upstream_splits import recognise_family
+
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    denoiser, factor = load_meta_denoiser(args.model, dtype)
+    family = recognise_family(denoiser)
+    height, width, frames, factor = _sizes(args, denoiser, family, factor)
+    latent = (height // factor, width // factor)
+    try:
+        inputs = example_inputs(denoiser, batch=args.batch, height=latent[0], width=latent[1], frames=frames)
+        plan = make_plan(denoiser, inputs, args.n_components, args.stride, args.warmup, partition=args.partition)
+        summary = plan.summary(args.steps)
+    except (ValueError, TypeError, TraceError) as e:
+        raise Refusal(f"cannot plan {args.model}: {_one_line(e)}") from None
+    kind = type(denoiser).__name__
     if args.json:
-        print(json.dumps({"model": args.model, "resolution": args.resolution, **plan.summary(args.steps)}, indent=1))
+        print(json.dumps({"model": args.model, "class": kind, "family": family, "resolution": args.resolution,
+                          "height": height, "width": width, "latent": list(latent), "frames": frames,
+                          **summary}, indent=1))
     else:
-        print(f"model {args.model}, {args.dtype}, batch {args.batch}, resolution {args.resolution or 'default'}")
+        video = f"{frames} frames at " if frames else ""
+        print(f"model {args.model} ({kind}, family {family or 'not recognised'}), {args.dtype}, batch {args.batch}, "
+              f"{video}{height}x{width} px (latent {latent[0]}x{latent[1]})")
         print(plan.describe(args.steps))
     return 0

@@ -4,6 +4,8 @@ import inspect
 import torch
 import torch.utils._pytree as pytree
 
+from ..arguments import labelled_leaves, other_arguments
+
 
 class DenoiserCall:
     def __init__(self, denoiser, args, kwargs):
@@ -59,13 +61,35 @@ class DenoiserCall:
 
         return make
 
-    def run(self, latent, tau):
+    def others(self):
+        """The arguments but the latent and the timestep, by name."""
+        return other_arguments(self._bound.arguments, self._latent_name, self._timestep_name)
+
+    def run(self, latent, tau, skipped=frozenset()):
         """Call the denoiser with this call's other arguments, `latent` and timestep `tau`
-        (a value from the scheduler's timesteps, given the type and shape of the original)."""
-        bound = inspect.BoundArguments(self._bound.signature, dict(self._bound.arguments))
+        (a value from the scheduler's timesteps, given the type and shape of the original);
+        the tensor arguments labelled in `skipped` (arguments.py) read as zeros, as on a
+        device they are not sent to."""
+        arguments = dict(self._bound.arguments)
+        if skipped:
+            others = self.others()
+            leaves, spec = pytree.tree_flatten(others)
+            leaves = [torch.zeros_like(leaf) if label in skipped else leaf
+                      for (label, _), leaf in zip(labelled_leaves(others), leaves)]
+            arguments.update(pytree.tree_unflatten(leaves, spec))
+        bound = inspect.BoundArguments(self._bound.signature, arguments)
         bound.arguments[self._latent_name] = latent
         bound.arguments[self._timestep_name] = _like(self.timestep, tau)
         return self._denoiser(*bound.args, **bound.kwargs)
+
+    def argument_labels(self):
+        """Labels of the tensor arguments but latent and timestep (arguments.py)."""
+        return {label for label, leaf in labelled_leaves(self.others()) if isinstance(leaf, torch.Tensor)}
+
+    def argument_bytes(self, skipped=frozenset()):
+        """Bytes of the tensor arguments a device receives (all but `skipped`)."""
+        return sum(leaf.nbytes for label, leaf in labelled_leaves(self.others())
+                   if isinstance(leaf, torch.Tensor) and label not in skipped)
 
 
 def _like(original, value):

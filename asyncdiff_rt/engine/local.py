@@ -96,7 +96,8 @@ class LocalExecutor:
         for d, lane in enumerate(self._devices.devices):
             own = comps[min(d, self.plan.n_components - 1)]
             module = replicate(denoiser, [p for p in paths if p not in own], lane.device)
-            self.replicas.append(Replica(module, paths, own, lane.device))
+            skipped = self.plan.transfers.skipped_arguments(d)
+            self.replicas.append(Replica(module, paths, own, lane.device, skipped))
 
     # ---------------------------------------------------------------- generation
     def start(self, program, timesteps):
@@ -280,16 +281,19 @@ class LocalExecutor:
                                                   ins.commit)
         self.stats.forwards[-1 if ins.device is None else ins.device] += 1
 
-    def _prepare_forward(self, lane, slot, tau, layout):
+    def _prepare_forward(self, lane, slot, tau, layout, everything=False):
         """Order `lane`'s stream after what its next forward reads, and load the call's
-        arguments and timestep `tau` into its static inputs of `layout`."""
+        arguments it is sent (all with `everything`) and timestep `tau` into its static
+        inputs of `layout`."""
         stream = self.lanes[lane].stream
         for event in (self._ready, *self._pending[lane], self._read[lane][slot]):
             event.wait(stream)
         self._pending[lane] = []
         self._delay(stream)
         with _on(stream):
-            copied = self.replicas[lane].load(self._call, layout, tau, self._tables[lane])
+            copied = self.replicas[lane].load(self._call, layout, tau, self._tables[lane], everything)
+        if self._program.steps[self._k].phase != "reuse":  # counted per Forward, as every executor does
+            self.stats.argument_bytes[lane] += copied
         if copied:  # the pipeline may free those arguments: its stream waits for the copies
             # (record_stream would tie the tensors to this lane's stream, which an SM
             # partition destroys on close, possibly before the tensors are freed)
@@ -307,7 +311,7 @@ class LocalExecutor:
         host = self._program.host
         slot = self._slot(host)
         latent = self._copy_latent(host, warmup=True)
-        self._prepare_forward(host, slot, tau, layout=None)
+        self._prepare_forward(host, slot, tau, layout=None, everything=True)  # delegated units get them from it
         record = {}
 
         def delegate(path, args, kwargs):

@@ -51,9 +51,11 @@ class ReferenceExecutor:
 
     def _forward(self, ins):
         program, owner = self._program, self.plan.transfers.owner
+        skipped = frozenset()
         if ins.device is None:
             compute, view, latent = self.plan.graph.paths, {}, self._call.latent
         else:
+            skipped = self.plan.transfers.skipped_arguments(ins.device)
             compute = self.plan.partition.components[program.component_of(ins.device)]
             view = self._views[ins.device]
             # A device whose units never read the latent runs its glue on a zero buffer.
@@ -61,7 +63,9 @@ class ReferenceExecutor:
             latent = torch.zeros_like(self._call.latent) if latent is None else latent
         record = {}
         with self._switch.forward_with(compute, view, record):
-            self._outputs[ins.device] = self._call.run(latent, self._timesteps[ins.tau_index])
+            self._outputs[ins.device] = self._call.run(latent, self._timesteps[ins.tau_index], skipped)
+        self.stats.argument_bytes[program.host if ins.device is None else ins.device] += \
+            self._call.argument_bytes(skipped)
         if ins.commit:
             for path, out in record.items():
                 self._views[owner[path]][path] = out
@@ -76,8 +80,9 @@ class ReferenceExecutor:
         else:  # "cache": the output assembled from the host's cache, no unit runs
             host = self._program.host
             tau = self._timesteps[self._k - int(self._program.time_shift)]
+            skipped = self.plan.transfers.skipped_arguments(host)
             with self._switch.forward_with((), self._views[host], {}):
-                self._emitted = self._call.run(self._call.latent, tau)
+                self._emitted = self._call.run(self._call.latent, tau, skipped)
 
     def close(self):
         self._switch.remove()

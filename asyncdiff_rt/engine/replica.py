@@ -15,6 +15,7 @@ from itertools import chain
 import torch
 import torch.utils._pytree as pytree
 
+from ..arguments import labelled_leaves
 from .substitution import UnitSwitch
 
 
@@ -81,11 +82,13 @@ def _spec(t):
 
 class _StaticInputs:
     """One input layout's static copies of a call's arguments: the addresses the graphs
-    captured for that layout read, alive exactly as long as those graphs."""
+    captured for that layout read, alive exactly as long as those graphs. Arguments the
+    device is not sent stay zeros (only glue whose result no unit of it reads sees them)."""
 
-    def __init__(self, leaves, spec, timestep, device):
-        self.spec = spec
-        self.leaves = [torch.empty_like(v, device=device) if isinstance(v, torch.Tensor) else v for v in leaves]
+    def __init__(self, others, timestep, device):
+        leaves, self.spec = pytree.tree_flatten(others)
+        self.labels = [label for label, _ in labelled_leaves(others)]
+        self.leaves = [torch.zeros_like(v, device=device) if isinstance(v, torch.Tensor) else v for v in leaves]
         self.timestep = torch.empty_like(timestep, device=device) if isinstance(timestep, torch.Tensor) else None
 
     def tensors(self):
@@ -96,9 +99,10 @@ class _StaticInputs:
 class Replica:
     """`module` (a replica, or the original for whole forwards) computing `compute`."""
 
-    def __init__(self, module, unit_paths, compute, device):
+    def __init__(self, module, unit_paths, compute, device, skipped=frozenset()):
+        """`skipped`: labels of call arguments this device is not sent (arguments.py)."""
         self.module, self.device = module, device
-        self.compute = frozenset(compute)
+        self.compute, self.skipped = frozenset(compute), frozenset(skipped)
         self.switch = UnitSwitch(module, unit_paths)
         self._statics = {}  # input layout -> _StaticInputs
         self._loaded = None
@@ -111,24 +115,25 @@ class Replica:
         """Free the static inputs of `layout` (its graphs are gone)."""
         self._statics.pop(layout, None)
 
-    def load(self, call, layout, tau, table):
-        """Copy, on the current stream, the call's other arguments and timestep `tau` from
-        `table` (the generation's timesteps on this device) into the static inputs of
-        `layout` (None: fresh ones, no graph reads them). Returns whether it copied any of
-        the caller's tensors: the caller must then order its stream after these copies."""
+    def load(self, call, layout, tau, table, everything=False):
+        """Copy, on the current stream, the call's other arguments this device is sent (all
+        of them with `everything`) and timestep `tau` from `table` (the generation's
+        timesteps on this device) into the static inputs of `layout` (None: fresh ones, no
+        graph reads them). Returns the bytes it copied from the caller's tensors: the
+        caller must then order its stream after these copies."""
         signature, latent_name, timestep_name, arguments = call_parts(call)
-        others = {k: v for k, v in arguments.items() if k not in (latent_name, timestep_name)}
-        leaves, spec = pytree.tree_flatten(others)
+        others = call.others()
         static = self._statics.get(layout) if layout is not None else None
         if static is None:
-            static = _StaticInputs(leaves, spec, call.timestep, self.device)
+            static = _StaticInputs(others, call.timestep, self.device)
             if layout is not None:
                 self._statics[layout] = static
-        copied = False
-        for target, leaf in zip(static.leaves, leaves):
-            if isinstance(leaf, torch.Tensor):
+        copied = 0
+        skipped = () if everything else self.skipped
+        for target, leaf, label in zip(static.leaves, pytree.tree_leaves(others), static.labels):
+            if isinstance(leaf, torch.Tensor) and label not in skipped:
                 target.copy_(leaf, non_blocking=True)
-                copied = True
+                copied += leaf.nbytes
         if static.timestep is not None:
             static.timestep.copy_(table[tau], non_blocking=True)
             timestep = static.timestep

@@ -11,6 +11,7 @@ class ExecutorStats:
         self.steps = Counter()
         self.forwards = [0] * (self.n_devices + 1)  # last slot: whole (warm-up) forwards
         self.received_bytes = [0] * self.n_devices
+        self.argument_bytes = [0] * self.n_devices  # call arguments loaded by each device's forwards
         self.transfers = 0
         self.generations = 0
 
@@ -19,6 +20,7 @@ class ExecutorStats:
         self.steps.update(other.steps)
         self.forwards = [a + b for a, b in zip(self.forwards, other.forwards)]
         self.received_bytes = [a + b for a, b in zip(self.received_bytes, other.received_bytes)]
+        self.argument_bytes = [a + b for a, b in zip(self.argument_bytes, other.argument_bytes)]
         self.transfers += other.transfers
         self.generations += other.generations
 
@@ -34,4 +36,5 @@ class ExecutorStats:
             "warmup_forwards": self.forwards[-1],
             "transfers": self.transfers,
             "received_bytes_per_device": list(self.received_bytes),
+            "argument_bytes_per_device": list(self.argument_bytes),
         }
