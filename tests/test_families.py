@@ -24,8 +24,19 @@ def _image_call(**kwargs):
                                    **kwargs).images
 
 
+def _video_call(num_frames=4, **kwargs):
+    return lambda pipe, seed: pipe(num_frames=num_frames, height=16, width=16, num_inference_steps=STEPS,
+                                   output_type="latent", generator=torch.Generator().manual_seed(seed), **kwargs).frames
+
+
 # family -> (pipeline factory, call(pipe, seed) -> latents)
 FAMILIES = {
+    "upscaler": (tiny.tiny_upscaler_pipeline,
+                 lambda pipe, seed: pipe("a red cube", image=IMAGE[..., :8, :8], num_inference_steps=STEPS,
+                                         output_type="latent", generator=torch.Generator().manual_seed(seed)).images),
+    "svd": (tiny.tiny_svd_pipeline, _video_call(image=IMAGE, decode_chunk_size=2)),
+    "animatediff": (lambda: tiny.tiny_animatediff_pipeline("sd15"), _video_call(prompt="a red cube")),
+    "animatediff-sdxl": (lambda: tiny.tiny_animatediff_pipeline("sdxl"), _video_call(prompt="a red cube")),
     "controlnet-sd": (lambda: tiny.tiny_controlnet_pipeline("sd15"), _image_call(image=IMAGE)),
     "controlnet-sdxl": (lambda: tiny.tiny_controlnet_pipeline("sdxl"), _image_call(image=IMAGE)),
     "multi-controlnet": (lambda: tiny.tiny_controlnet_pipeline("sd15", controlnets=2),
@@ -97,3 +108,28 @@ def test_controlnet_residuals_go_only_where_they_are_read():
     assert "ControlNet residuals (13)" in plan.describe()
     sent = stats["argument_bytes_per_device"]
     assert sent[0] != sent[1] and min(sent) > 0
+
+
+def test_bad_input_and_other_frame_counts_leave_the_next_call_exact():
+    """A call the pipeline refuses (no control image) or cannot finish, and a generation
+    at another frame count, leave the next call exactly what it would have been."""
+    results = {}
+    for executor in ("reference", "local"):
+        cn_make, cn_call = FAMILIES["controlnet-sd"]
+        video_make, _ = FAMILIES["animatediff"]
+        pipes = {"cn": cn_make(), "video": video_make()}
+        handles = [asyncdiff_rt.parallelize(p, executor=executor, devices="cpu*2", n_components=2)
+                   for p in pipes.values()]
+        try:
+            with pytest.raises(Exception):
+                pipes["cn"]("a red cube", num_inference_steps=STEPS, height=16, width=16, output_type="latent")
+            with pytest.raises(Exception):  # a control image the ControlNet cannot take
+                pipes["cn"]("a red cube", image=torch.rand(1, 5, 16, 16), num_inference_steps=STEPS, height=16,
+                            width=16, output_type="latent")
+            frames = [_video_call(prompt="a red cube", num_frames=n)(pipes["video"], 0).shape[2] for n in (4, 6)]
+            results[executor] = (cn_call(pipes["cn"], 0), _video_call(prompt="a red cube")(pipes["video"], 0))
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert frames == [4, 6]
+    assert all(torch.equal(a, b) for a, b in zip(results["reference"], results["local"]))

@@ -92,3 +92,56 @@ def tiny_controlnet_pipeline(family="sd15", controlnets=1, seed=0):
     pipe = getattr(diffusers, name)(**base.components, controlnet=nets[0] if controlnets == 1 else nets)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def tiny_animatediff_pipeline(family="sd15", seed=0):
+    """A tiny `AnimateDiffPipeline` (`AnimateDiffSDXLPipeline` for sdxl): the image UNet
+    and a motion adapter, which the pipeline joins into a `UNetMotionModel`."""
+    import diffusers
+
+    from .configs import MOTION_ADAPTERS, MOTION_UNETS
+
+    base = tiny_sd_pipeline(family, seed=seed)
+    _, adapter = MOTION_UNETS[f"tiny-animatediff{'-sdxl' if family == 'sdxl' else ''}"]
+    torch.manual_seed(seed + 1)
+    motion = diffusers.MotionAdapter(**MOTION_ADAPTERS[adapter]).eval()
+    parts = {k: v for k, v in base.components.items() if k not in ("safety_checker", "requires_safety_checker")}
+    name = "AnimateDiffSDXLPipeline" if family == "sdxl" else "AnimateDiffPipeline"
+    pipe = getattr(diffusers, name)(**parts, motion_adapter=motion)
+    pipe.unet.eval()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_upscaler_pipeline(seed=0):
+    """A tiny `StableDiffusionUpscalePipeline`: a 7-channel UNet (latent + low-resolution
+    image) with the noise level as its class label."""
+    import diffusers
+
+    base = tiny_sd_pipeline("sd15", seed=seed)
+    unet = build_unet("tiny-upscaler", device="cpu", dtype=torch.float32, seed=seed).eval()
+    pipe = diffusers.StableDiffusionUpscalePipeline(
+        vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer, unet=unet,
+        low_res_scheduler=diffusers.DDPMScheduler(), scheduler=base.scheduler, max_noise_level=350)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_svd_pipeline(seed=0):
+    """A tiny `StableVideoDiffusionPipeline`: image-conditioned, frames in the latent."""
+    import diffusers
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    unet = build_unet("tiny-svd", device="cpu", dtype=torch.float32, seed=seed).eval()
+    torch.manual_seed(seed + 1)
+    vae = diffusers.AutoencoderKLTemporalDecoder(
+        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 32),
+        down_block_types=("DownEncoderBlock2D",) * 2, layers_per_block=1).eval()
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=32, num_attention_heads=2, num_hidden_layers=2, image_size=16,
+        patch_size=8, projection_dim=unet.config.cross_attention_dim)).eval()
+    pipe = diffusers.StableVideoDiffusionPipeline(
+        vae=vae, image_encoder=encoder, unet=unet, scheduler=diffusers.EulerDiscreteScheduler(),
+        feature_extractor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
