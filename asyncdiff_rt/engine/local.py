@@ -134,7 +134,7 @@ class LocalExecutor:
         step.run(self._handlers, self.name)
         if k + 1 == program.num_steps or step.phase == "warmup":
             self._join_lanes()  # the caller (or the next step) may free what any lane still reads
-        elif self._buffers is not None:
+        if k + 1 < program.num_steps and self._buffers is not None:
             self._issue_sends(k + 1)  # as soon as the producing forwards are queued
         self.stats.steps[step.phase] += 1
         self._previous = self._emitted
