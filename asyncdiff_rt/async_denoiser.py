@@ -20,7 +20,7 @@ import threading
 
 import torch
 
-from .engine.call import DenoiserCall
+from .engine.call import DenoiserCall, as_model_timestep
 from .fingerprint import fingerprint, first_change
 
 log = logging.getLogger(__name__)
@@ -92,9 +92,10 @@ class AsyncDenoiser(torch.nn.Module):
             log.info("denoiser inputs changed shape at step %d: the warm-up restarts for the rest of the "
                      "generation", self._k)
             self._start(self._steps, self._values, self._k, call)
-        if not self._is_current_timestep(call.timestep):
+        self._check_position(scheduler)
+        if not self._is_current_timestep(call):
             raise RuntimeError(
-                f"denoiser call {self._k} of this generation got timestep {_scalar(call.timestep)}, but the "
+                f"denoiser call {self._k} of this generation got timestep {call.scheduler_value()}, but the "
                 f"scheduler's list has {self._values[self._k]} there; AsyncDiff needs one denoiser call per "
                 "scheduler timestep, in order, from the pipeline it was parallelized on (a pipeline made from it "
                 "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give it "
@@ -105,13 +106,31 @@ class AsyncDenoiser(torch.nn.Module):
             self._owner = None
         return out
 
-    def _is_current_timestep(self, timestep):
-        # Pipelines pass the scheduler's own element (or a view of it): comparing storage
-        # avoids reading a GPU value, which would block the host every step.
-        expected = self._steps[self._k]
-        if isinstance(timestep, torch.Tensor) and timestep.data_ptr() == expected.data_ptr():
-            return True
-        return float(_scalar(timestep)) == self._values[self._k]
+    def _check_position(self, scheduler):
+        """Schedulers that count their steps say which step this call belongs to: a second
+        call within one step (separate guidance passes) must not pass for the next step."""
+        if not hasattr(type(scheduler), "step_index"):
+            return
+        index = scheduler.step_index
+        at = 0 if index is None else index - self._begin_at
+        if at == self._k - 1:
+            raise RuntimeError(
+                f"the pipeline called the denoiser twice in scheduler step {at} (separate guidance passes, as Wan "
+                "or FLUX true CFG make); AsyncDiff needs one call per step: per-pass caches are not built yet, so "
+                "batch both passes into one call or run this pipeline without parallelize")
+        if at != self._k:
+            raise RuntimeError(f"the scheduler is at step {at} of this generation but the denoiser was called for "
+                               f"step {self._k}; AsyncDiff needs one denoiser call per scheduler step, in order")
+
+    def _is_current_timestep(self, call):
+        # Most pipelines pass the scheduler's own element (or a view of it): comparing
+        # storage reads nothing. A GPU value is taken by call order: reading it would
+        # block the host every step.
+        timestep, expected = call.timestep, self._steps[self._k]
+        if isinstance(timestep, torch.Tensor):
+            if timestep.data_ptr() == expected.data_ptr() or timestep.device.type != "cpu":
+                return True
+        return _is_model_timestep(call, self._values[self._k])
 
     def _continues(self, scheduler, call):
         """Whether a call whose scheduler has a new timesteps list still continues the
@@ -121,7 +140,7 @@ class AsyncDenoiser(torch.nn.Module):
         begin = getattr(scheduler, "begin_index", None)
         if self._k == 0 or begin not in (None, self._begin_index):
             return False
-        if self._list_values(scheduler) != self._all_values or float(_scalar(call.timestep)) != self._values[self._k]:
+        if self._list_values(scheduler) != self._all_values or not _is_model_timestep(call, self._values[self._k]):
             return False
         self._timesteps_seen = scheduler.timesteps
         return True
@@ -135,15 +154,15 @@ class AsyncDenoiser(torch.nn.Module):
         values = self._list_values(scheduler)
         start = self._begin_index = getattr(scheduler, "begin_index", None)
         if start is None:
-            first = float(_scalar(call.timestep))
-            if first not in values:
+            first = call.scheduler_value()
+            start = min(range(len(values)), key=lambda i: abs(values[i] - first))
+            if not _is_model_timestep(call, values[start]):
                 raise RuntimeError(
                     f"timestep {first} is not in the timesteps of the scheduler of the pipeline this denoiser "
                     "was parallelized on; call it with that scheduler's own timesteps (a pipeline made from it "
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
-            start = values.index(first)
-        self._timesteps_seen, self._all_values = timesteps, values
+        self._timesteps_seen, self._all_values, self._begin_at = timesteps, values, start
         self._start(timesteps[start:], values[start:], 0, call)
         self.executor.stats.generations += 1
 
@@ -182,6 +201,15 @@ class AsyncDenoiser(torch.nn.Module):
         if old is not None:
             self.executor.stats.absorb(old.stats)
         self._fingerprint = fingerprint(self.denoiser)
+
+
+def _is_model_timestep(call, value):
+    """Whether the call's timestep is scheduler timestep `value` as its pipeline hands it
+    to the model (cast, divided: adapters.py), compared exactly in the model's dtype."""
+    timestep = call.timestep
+    first = timestep.flatten()[:1] if isinstance(timestep, torch.Tensor) else timestep
+    expected = as_model_timestep(value, first, call.adapter.timestep_divisor)
+    return _scalar(expected) == _scalar(first)
 
 
 def _scalar(t):

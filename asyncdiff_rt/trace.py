@@ -15,6 +15,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
 from torch.utils.flop_counter import FlopCounterMode
 
+from .adapters import adapter_for
 from .arguments import labelled_leaves, other_arguments
 
 LATENT, TIMESTEP, COND = "<latent>", "<timestep>", "<cond>"
@@ -134,12 +135,13 @@ def trace_denoiser(denoiser, make_inputs):
     """Run `denoiser(*args, **kwargs)` once on fake tensors with hooks.
 
     `make_inputs()` is called inside the fake mode and returns (latent, timestep, cond_args,
-    cond_kwargs); the call is `denoiser(latent, timestep, *cond_args, **cond_kwargs)`.
+    cond_kwargs); the call passes the latent and timestep by the names adapters.py gives.
     A candidate whose inputs derive from the latent or from a unit is a unit; the rest
     (time and condition embeddings) are shared and keep their inputs' labels.
     """
     candidates = candidate_modules(denoiser)
     root = type(denoiser).__name__
+    adapter = adapter_for(denoiser)
     prov, pending, calls, units = _Provenance(), {}, {}, set()
 
     def pre_hook(path):
@@ -171,8 +173,9 @@ def trace_denoiser(denoiser, make_inputs):
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
                 arguments = _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs)
+                named = {adapter.latent: latent, adapter.timestep: timestep}
                 try:
-                    output = denoiser(latent, timestep, *cond_args, **cond_kwargs)
+                    output = denoiser(*cond_args, **named, **cond_kwargs)
                 except Exception as e:
                     raise TraceError(f"{root} did not run on these inputs ({type(e).__name__}: {e})") from e
             output_reads = prov.sources(output)
@@ -195,11 +198,11 @@ def trace_denoiser(denoiser, make_inputs):
 
 def _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs):
     """Mark each tensor argument with its own label (and COND); {label: TensorSpec}."""
-    signature = inspect.signature(denoiser.forward)
-    bound = signature.bind(latent, timestep, *cond_args, **cond_kwargs)
-    names = list(signature.parameters)
+    adapter = adapter_for(denoiser)
+    bound = inspect.signature(denoiser.forward).bind(
+        *cond_args, **{adapter.latent: latent, adapter.timestep: timestep}, **cond_kwargs)
     out = {}
-    for label, leaf in labelled_leaves(other_arguments(bound.arguments, names[0], names[1])):
+    for label, leaf in labelled_leaves(other_arguments(bound.arguments, adapter.latent, adapter.timestep)):
         if isinstance(leaf, torch.Tensor):
             prov.mark(leaf, frozenset([COND, label]))
             out[label] = TensorSpec(tuple(leaf.shape), leaf.dtype)

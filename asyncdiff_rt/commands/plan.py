@@ -54,14 +54,14 @@ def _read_json(path):
         raise Refusal(f"cannot read {path}: {_one_line(e)}") from None
 
 
-def load_meta_denoiser(model, dtype):
-    """(weightless denoiser, VAE factor or None): a known family by name, or the config
-    of a local folder. Refuses what it cannot build."""
-    from ..models.configs import MODEL_ALIASES, VAE_FACTORS, build_from_config, build_unet
+def locate(model):
+    """Where the architecture comes from: ("name", family) or ("folder", config, class
+    name, VAE factor or None, config path). Refuses what plan cannot build."""
+    from ..models.configs import MODEL_ALIASES
 
     name = MODEL_ALIASES.get(model.lower())
     if name is not None:
-        return build_unet(name, dtype=dtype), VAE_FACTORS.get(name, 8)
+        return "name", name
     folder = Path(model)
     config_path = next((p for p in (folder / "unet" / "config.json", folder / "config.json") if p.is_file()), None)
     index_path = folder / "model_index.json"
@@ -83,15 +83,26 @@ def load_meta_denoiser(model, dtype):
     if class_name not in FOLDER_CLASSES:
         raise Refusal(f"{config_path} describes {class_name}, not a denoiser plan knows "
                       f"({', '.join(FOLDER_CLASSES)})")
-    try:
-        denoiser = build_from_config(class_name, {**config, "_class_name": class_name}, dtype=dtype)
-    except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise Refusal(f"{config_path} does not build a {class_name}: {_one_line(e)}") from None
     vae_config = folder / "vae" / "config.json"
     factor = None
     if vae_config.is_file():
         factor = 2 ** (len(_read_json(vae_config).get("block_out_channels", [0])) - 1)
-    return denoiser, factor
+    return "folder", {**config, "_class_name": class_name}, class_name, factor, config_path
+
+
+def load_meta_denoiser(model, dtype):
+    """(weightless denoiser, VAE factor or None): a known family by name, or the config
+    of a local folder. Refuses what it cannot build."""
+    from ..models.configs import VAE_FACTORS, build_from_config, build_unet
+
+    source = locate(model)
+    if source[0] == "name":
+        return build_unet(source[1], dtype=dtype), VAE_FACTORS.get(source[1], 8)
+    _, config, class_name, factor, config_path = source
+    try:
+        return build_from_config(class_name, config, dtype=dtype), factor
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise Refusal(f"{config_path} does not build a {class_name}: {_one_line(e)}") from None
 
 
 def _sizes(args, denoiser, family, factor):

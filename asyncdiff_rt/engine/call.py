@@ -4,18 +4,19 @@ import inspect
 import torch
 import torch.utils._pytree as pytree
 
+from ..adapters import adapter_for
 from ..arguments import labelled_leaves, other_arguments
 
 
 class DenoiserCall:
     def __init__(self, denoiser, args, kwargs):
-        signature = inspect.signature(denoiser.forward)
-        names = list(signature.parameters)
-        if len(names) < 2:
-            raise TypeError(f"{type(denoiser).__name__}.forward must take (latent, timestep, ...)")
         self._denoiser = denoiser
-        self._bound = signature.bind(*args, **kwargs)
-        self._latent_name, self._timestep_name = names[0], names[1]
+        self._bound = inspect.signature(denoiser.forward).bind(*args, **kwargs)
+        self.adapter = adapter_for(denoiser)
+        self._latent_name, self._timestep_name = self.adapter.latent, self.adapter.timestep
+        if self._latent_name not in self._bound.arguments or self._timestep_name not in self._bound.arguments:
+            raise TypeError(f"{type(denoiser).__name__} was called without its {self._latent_name!r} or "
+                            f"{self._timestep_name!r} argument")
 
     @property
     def signature(self):
@@ -53,13 +54,14 @@ class DenoiserCall:
         devices and other arguments: the plan is made from what the pipeline really passes."""
         def make():
             fake = {k: pytree.tree_map(_empty_like, v) for k, v in self._bound.arguments.items()}
-            bound = inspect.BoundArguments(self._bound.signature, fake)
-            args = bound.args
-            if len(args) < 2:
-                raise TypeError("the denoiser must receive its latent and timestep positionally or by their names")
-            return args[0], args[1], args[2:], bound.kwargs
+            latent, timestep = fake.pop(self._latent_name), fake.pop(self._timestep_name)
+            return latent, timestep, (), _by_name(self._bound.signature, fake)
 
         return make
+
+    def scheduler_value(self):
+        """The call's timestep as the scheduler's value (a host read: once per generation)."""
+        return float(_scalar(self.timestep)) * self.adapter.timestep_divisor
 
     def others(self):
         """The arguments but the latent and the timestep, by name."""
@@ -79,7 +81,7 @@ class DenoiserCall:
             arguments.update(pytree.tree_unflatten(leaves, spec))
         bound = inspect.BoundArguments(self._bound.signature, arguments)
         bound.arguments[self._latent_name] = latent
-        bound.arguments[self._timestep_name] = _like(self.timestep, tau)
+        bound.arguments[self._timestep_name] = _like(self.timestep, tau, self.adapter.timestep_divisor)
         return self._denoiser(*bound.args, **bound.kwargs)
 
     def argument_labels(self):
@@ -92,11 +94,34 @@ class DenoiserCall:
                    if isinstance(leaf, torch.Tensor) and label not in skipped)
 
 
-def _like(original, value):
+def as_model_timestep(value, original, divisor=1.0):
+    """Scheduler timestep(s) `value` as the model receives them: the type, dtype and device
+    of `original`, divided by `divisor` in that dtype (as the pipelines compute it)."""
     if isinstance(original, torch.Tensor):
         value = torch.as_tensor(value).to(device=original.device, dtype=original.dtype)
-        return value.expand(original.shape)
-    return type(original)(value.item() if isinstance(value, torch.Tensor) else value)
+        return value / divisor if divisor != 1.0 else value
+    value = value.item() if isinstance(value, torch.Tensor) else value
+    return type(original)(value / divisor if divisor != 1.0 else value)
+
+
+def _like(original, value, divisor=1.0):
+    value = as_model_timestep(value, original, divisor)
+    return value.expand(original.shape) if isinstance(original, torch.Tensor) else value
+
+
+def _scalar(t):
+    return t.flatten()[0].item() if isinstance(t, torch.Tensor) else t
+
+
+def _by_name(signature, arguments):
+    """Bound arguments as keywords (a **kwargs parameter's dict spread out)."""
+    out = {}
+    for name, value in arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            out.update(value)
+        else:
+            out[name] = value
+    return out
 
 
 def _empty_like(value):

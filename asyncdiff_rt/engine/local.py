@@ -24,6 +24,7 @@ import torch.utils._pytree as pytree
 
 from ..schedule import Emit, Forward, Send, SendLatent
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
+from .call import as_model_timestep
 from .devices import count_devices, open_devices
 from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
@@ -201,10 +202,12 @@ class LocalExecutor:
         self._ready, self._inputs = self.engine.event(device), self.engine.event(device)
 
     def _timestep_tables(self, call):
+        """The generation's timesteps as the model receives them, on every lane."""
+        divisor = call.adapter.timestep_divisor
         if isinstance(call.timestep, torch.Tensor):
-            steps = torch.as_tensor(self._timesteps)
-            return [steps.to(device=lane.device, dtype=call.timestep.dtype) for lane in self.lanes]
-        values = [v.item() if isinstance(v, torch.Tensor) else v for v in self._timesteps]
+            steps = as_model_timestep(torch.as_tensor(self._timesteps), call.timestep, divisor)
+            return [steps.to(lane.device) for lane in self.lanes]
+        values = [as_model_timestep(v, call.timestep, divisor) for v in self._timesteps]
         return [values] * len(self.lanes)
 
     def _pipeline_stream(self):
