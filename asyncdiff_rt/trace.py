@@ -53,6 +53,7 @@ class Trace:
     latent: TensorSpec
     arguments: dict  # label (arguments.py) -> TensorSpec of each tensor argument but latent and timestep
     total_flops: int
+    read_outside: tuple = ()  # parts of candidates that code outside them calls: their weights stay everywhere
 
 
 def candidate_modules(denoiser):
@@ -143,15 +144,25 @@ def trace_denoiser(denoiser, make_inputs):
     root = type(denoiser).__name__
     adapter = adapter_for(denoiser)
     prov, pending, calls, units = _Provenance(), {}, {}, set()
+    running, outside = [], set()  # candidates whose forward is running; their parts run outside them
 
     def pre_hook(path):
         def hook(module, args, kwargs):
             pending[path] = prov.sources((args, kwargs))
+            running.append(path)
+
+        return hook
+
+    def part_hook(owner, path):
+        def hook(module, args):
+            if owner not in running:  # e.g. DiT's forward calls transformer_blocks[0].norm1.emb itself
+                outside.add(path)
 
         return hook
 
     def post_hook(path):
         def hook(module, args, kwargs, output):
+            running.remove(path)
             reads = pending.pop(path)
             is_unit = LATENT in reads or bool(reads & units)
             if path not in calls:
@@ -166,6 +177,9 @@ def trace_denoiser(denoiser, make_inputs):
     for path, module in candidates.items():
         handles.append(module.register_forward_pre_hook(pre_hook(path), with_kwargs=True))
         handles.append(module.register_forward_hook(post_hook(path), with_kwargs=True))
+        for name, part in module.named_modules(prefix=path):
+            if part is not module:
+                handles.append(part.register_forward_pre_hook(part_hook(path, name)))
     try:
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = make_inputs()
@@ -192,6 +206,7 @@ def trace_denoiser(denoiser, make_inputs):
         output_reads=output_reads,
         latent=TensorSpec(tuple(latent.shape), latent.dtype),
         arguments=arguments,
+        read_outside=tuple(sorted(outside)),
         total_flops=sum(counts.get("Global", {}).values()),
     )
 

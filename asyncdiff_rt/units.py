@@ -26,6 +26,7 @@ class UnitGraph:
     latent_nbytes: int
     total_flops: int
     arguments: dict = field(default_factory=dict)  # argument label -> TensorSpec (arguments.py)
+    read_outside: tuple = ()  # module paths inside units that code outside the unit calls
 
     @property
     def paths(self):
@@ -60,4 +61,5 @@ def find_units(denoiser, make_inputs):
         latent_nbytes=trace.latent.nbytes,
         total_flops=trace.total_flops,
         arguments=trace.arguments,
+        read_outside=trace.read_outside,
     )

@@ -1,5 +1,5 @@
-"""Every UNet pipeline of the paper and the reference code, small and random, built
-offline: W = K equals the sequential pipeline exactly, W = 1 runs and differs a little,
+"""Every UNet pipeline of the paper and the reference code, and the diffusion
+transformers (SD3, FLUX, PixArt, DiT), small and random, built offline: W = K equals the sequential pipeline exactly, W = 1 runs and differs a little,
 N = 3 with S = 2 runs, the local executor on `cpu*N` equals the reference executor bit
 for bit, and `remove()` restores the pipeline."""
 import warnings
@@ -29,8 +29,30 @@ def _video_call(num_frames=4, **kwargs):
                                    output_type="latent", generator=torch.Generator().manual_seed(seed), **kwargs).frames
 
 
+EMBEDS, POOLED = tiny.tiny_prompt_embeddings()
+
+
+def _transformer_call(family):
+    def call(pipe, seed):
+        g = torch.Generator().manual_seed(seed)
+        common = dict(num_inference_steps=STEPS, generator=g)
+        if family == "dit":
+            return torch.as_tensor(pipe(class_labels=[1], output_type="np", **common).images)
+        if family == "pixart":
+            mask = torch.ones(1, EMBEDS.shape[1])
+            return pipe(prompt_embeds=EMBEDS, prompt_attention_mask=mask, negative_prompt=None,
+                        negative_prompt_embeds=-EMBEDS, negative_prompt_attention_mask=mask, height=16, width=16,
+                        use_resolution_binning=False, output_type="latent", **common).images
+        negative = dict(negative_prompt_embeds=-EMBEDS, negative_pooled_prompt_embeds=-POOLED) if family == "sd3" else {}
+        return pipe(prompt_embeds=EMBEDS, pooled_prompt_embeds=POOLED, height=16, width=16, output_type="latent",
+                    **negative, **common).images
+
+    return lambda: tiny.tiny_transformer_pipeline(family), call
+
+
 # family -> (pipeline factory, call(pipe, seed) -> latents)
 FAMILIES = {
+    **{family: _transformer_call(family) for family in ("sd3", "flux", "pixart", "dit")},
     "upscaler": (tiny.tiny_upscaler_pipeline,
                  lambda pipe, seed: pipe("a red cube", image=IMAGE[..., :8, :8], num_inference_steps=STEPS,
                                          output_type="latent", generator=torch.Generator().manual_seed(seed)).images),
@@ -84,9 +106,10 @@ def test_local_equals_reference_and_differs_a_little_from_sequential(family, set
 
 def test_remove_restores_the_pipeline(family):
     name, pipe, call, sequential = family
-    original = pipe.unet
+    attribute = "unet" if hasattr(pipe, "unet") else "transformer"
+    original = getattr(pipe, attribute)
     parallel(pipe, call, n_components=2, warmup=1)
-    assert pipe.unet is original and not isinstance(pipe.unet, AsyncDenoiser)
+    assert getattr(pipe, attribute) is original and not isinstance(original, AsyncDenoiser)
     assert torch.equal(call(pipe, 0), sequential), name
 
 

@@ -97,10 +97,11 @@ def test_tables_place_motion_modules_and_upsamplers(planned):
                         "down_blocks.1.attentions.0")
 
 
-def test_recognise_family_by_structure():
-    names = {"svd": "svd", "tiny-svd": "svd", "animatediff": "animatediff", "tiny-animatediff": "animatediff",
-             "animatediff-sdxl": "animatediff-sdxl", "tiny-animatediff-sdxl": "animatediff-sdxl",
-             "upscaler": "upscaler", "tiny-upscaler": "upscaler", "sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl",
+def test_recognise_family_by_structure(planned):
+    # The planned ones (full size by name, tiny from folders) were recognised in their plans' headers.
+    assert {key: recognise_family(planned[key][1]) for key in planned} == {
+        key: key.removeprefix("tiny-") for key in planned}
+    names = {"tiny-animatediff-sdxl": "animatediff-sdxl", "sd15": "sd15", "sd21": "sd21", "sdxl": "sdxl",
              "tiny-sd15": "sd15", "tiny-sd21": "sd21", "tiny-sdxl": "sdxl"}
     assert {name: recognise_family(build_unet(name)) for name in names} == names
     # The upscaler's layout without its noise-level embedding is no known family.
@@ -235,14 +236,10 @@ def test_bad_input_is_refused_in_one_line_with_status_2(tmp_path, capsys, case, 
     assert err.startswith("asyncdiff-rt plan: ") and err.count("\n") == 1 and "Traceback" not in err
 
 
-def test_help_imports_no_torch_and_refusals_exit_2():
+def test_help_imports_no_torch():
     script = ("import sys, asyncdiff_rt.cli as c\n"
               "try:\n    c.main(['--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
-              "print('torch' in sys.modules, 'diffusers' in sys.modules, flush=True)\n"
-              "c.main(['plan', '--model', 'sd99'])\n")
+              "print('torch' in sys.modules, 'diffusers' in sys.modules)\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
-    assert done.stdout.splitlines()[-1] == "False False"
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        "asyncdiff-rt plan: --model 'sd99' is neither sd15, sd21, sdxl, svd, animatediff, animatediff-sdxl, upscaler "
-        "nor a folder holding config.json or unet/config.json"]
+    assert done.returncode == 0 and done.stdout.splitlines()[-1] == "False False"
+    assert "plan" in done.stdout and "bench" in done.stdout

@@ -96,7 +96,8 @@ class LocalExecutor:
         self.replicas = []
         for d, lane in enumerate(self._devices.devices):
             own = comps[min(d, self.plan.n_components - 1)]
-            module = replicate(denoiser, [p for p in paths if p not in own], lane.device)
+            module = replicate(denoiser, [p for p in paths if p not in own], lane.device,
+                               keep=self.plan.graph.read_outside)
             skipped = self.plan.transfers.skipped_arguments(d)
             self.replicas.append(Replica(module, paths, own, lane.device, skipped))
 
@@ -235,7 +236,8 @@ class LocalExecutor:
                 dst_slot = self._rounds[ins.dst] % SLOTS
                 self._done[ins.dst][dst_slot].wait(stream)  # its forward that last read this slot
                 buffer = self._buffers[ins.dst].received[ins.unit][dst_slot]
-                leaves = list(zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value)))
+                leaves = [(d, v) for d, v in zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value))
+                          if isinstance(v, torch.Tensor)]  # outputs may hold None (SD3's last block)
                 pairs += leaves
                 received.setdefault(ins.dst, []).append(sum(src.nbytes for _, src in leaves))
             self._copy(pairs, stream)

@@ -19,12 +19,14 @@ from ..arguments import labelled_leaves
 from .substitution import UnitSwitch
 
 
-def replicate(denoiser, foreign, device):
-    """A copy of `denoiser` on `device` holding no weights of the `foreign` units."""
+def replicate(denoiser, foreign, device, keep=()):
+    """A copy of `denoiser` on `device` holding no weights of the `foreign` units, except
+    those of the modules in `keep` (parts of units that code outside them reads)."""
     prefixes = tuple(f"{p}." for p in foreign)
+    kept = tuple(f"{p}." for p in keep)
     named = list(chain(denoiser.named_parameters(remove_duplicate=False),
                        denoiser.named_buffers(remove_duplicate=False)))
-    needed = {id(t) for name, t in named if not name.startswith(prefixes)}
+    needed = {id(t) for name, t in named if not name.startswith(prefixes) or name.startswith(kept)}
     memo = {}
     for _, t in named:
         if id(t) in memo:

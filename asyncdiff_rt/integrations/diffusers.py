@@ -1,4 +1,5 @@
-"""`parallelize(pipe, ...)`: swap a diffusers pipeline's UNet for an AsyncDenoiser."""
+"""`parallelize(pipe, ...)`: swap a diffusers pipeline's denoiser (`pipe.unet` or
+`pipe.transformer`) for an AsyncDenoiser."""
 import logging
 
 import torch
@@ -7,7 +8,8 @@ from ..async_denoiser import AsyncDenoiser
 from ..engine import make_executor
 from ..plan import make_plan
 from ..settings import check_settings
-from ..trace import TraceError, unet_inputs
+from ..example_inputs import example_inputs
+from ..trace import TraceError
 
 log = logging.getLogger(__name__)
 
@@ -16,8 +18,8 @@ class AsyncDiffHandle:
     """What `parallelize` returns: the plan, live statistics, and `remove()`. The plan
     and statistics stay readable after `remove()` (the last ones)."""
 
-    def __init__(self, pipe, original, wrapper):
-        self._pipe, self._original, self._wrapper = pipe, original, wrapper
+    def __init__(self, pipe, attribute, original, wrapper):
+        self._pipe, self._attribute, self._original, self._wrapper = pipe, attribute, original, wrapper
 
     @property
     def plan(self):
@@ -30,7 +32,7 @@ class AsyncDiffHandle:
 
     @property
     def original(self):
-        """The UNet `parallelize` was given (unchanged: the wrapper only reads it)."""
+        """The denoiser `parallelize` was given (unchanged: the wrapper only reads it)."""
         return self._original
 
     def stats(self):
@@ -56,34 +58,30 @@ class AsyncDiffHandle:
         wrapper.removed = True
         wrapper.executor.close()
         self._pipe.__dict__.pop("save_pretrained", None)
-        if self._pipe.__dict__.get("unet") is not wrapper:
+        now = self._pipe.__dict__.get(self._attribute)
+        if now is not wrapper:
             raise RuntimeError(
-                f"pipe.unet was replaced after parallelize (it is now a {type(self._pipe.__dict__.get('unet')).__name__}); "
-                "remove() left it in place and released the parallelized UNet (handle.original)")
-        self._pipe.__dict__["unet"] = self._original
+                f"pipe.{self._attribute} was replaced after parallelize (it is now a {type(now).__name__}); "
+                "remove() left it in place and released the parallelized denoiser (handle.original)")
+        self._pipe.__dict__[self._attribute] = self._original
 
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
-    Works on any diffusers pipeline whose denoiser is `pipe.unet` and whose scheduler is
-    `pipe.scheduler` (StableDiffusion, StableDiffusionXL, their img2img and inpainting
-    variants, ...). Everything is checked before any work; the warm-up is checked
-    against the step count at the first call. `devices`: one per device of the plan, e.g.
+    Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
+    whose scheduler is `pipe.scheduler` (Stable Diffusion 1.x/2.x/XL and their variants,
+    ControlNet, SVD, AnimateDiff, the x4 upscaler, SD3, FLUX, PixArt, DiT; see the README).
+    Everything is checked before any work; the warm-up is checked against the step count
+    at the first call. `devices`: one per device of the plan, e.g.
     ["cuda:0", "cuda:1"], "cuda:0*2" (virtual devices on one GPU) or "cpu*2"; `executor`
     "auto" runs `local` on GPU device lists and `reference` otherwise. `graphs=False`
     makes the local executor run every forward eagerly (for debugging and profiling
     single kernels); the reference executor always does.
     """
-    unet = getattr(pipe, "unet", None)
-    if isinstance(unet, AsyncDenoiser):
-        raise ValueError("this pipeline is already parallelized; call handle.remove() first")
-    if not isinstance(unet, torch.nn.Module) or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
-        raise TypeError(
-            f"parallelize expects a diffusers pipeline with a `unet` module and a `scheduler` "
-            f"(e.g. StableDiffusionPipeline), got {type(pipe).__name__}"
-        )
+    attribute = _denoiser_attribute(pipe)
+    unet = getattr(pipe, attribute)
     # Every setting is checked (and counts made Python ints) before the trace and any device work.
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
@@ -102,29 +100,52 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
             log.info("the plan waits for the pipeline's first call: %s", e)
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
-    pipe.__dict__["unet"] = wrapper
-    pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, unet, wrapper)
-    return AsyncDiffHandle(pipe, unet, wrapper)
+    pipe.__dict__[attribute] = wrapper
+    pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, attribute, unet, wrapper)
+    return AsyncDiffHandle(pipe, attribute, unet, wrapper)
 
 
-def _saving_the_original(pipe, original, wrapper):
-    """`pipe.save_pretrained` that writes the original UNet (diffusers cannot save the
+def _denoiser_attribute(pipe):
+    """'unet' or 'transformer': where the pipeline keeps its denoiser; TypeError otherwise."""
+    found = [a for a in ("unet", "transformer") if isinstance(getattr(pipe, a, None), torch.nn.Module)]
+    if any(isinstance(getattr(pipe, a), AsyncDenoiser) for a in found):
+        raise ValueError("this pipeline is already parallelized; call handle.remove() first")
+    if not found or not hasattr(getattr(pipe, "scheduler", None), "timesteps"):
+        raise TypeError(
+            f"parallelize expects a diffusers pipeline with a `unet` or `transformer` module and a `scheduler` "
+            f"(e.g. StableDiffusionPipeline, FluxPipeline), got {type(pipe).__name__}")
+    if type(pipe).__name__ in REFUSED:
+        raise TypeError(f"{type(pipe).__name__}: {REFUSED[type(pipe).__name__]}")
+    return found[0]
+
+
+# Pipelines that cannot run yet, by class name, with the reason.
+REFUSED = {
+    "WanPipeline": "classifier-free guidance calls the transformer twice per step, and Wan 2.2 switches "
+                   "between two transformers; per-pass caches are not built yet",
+    "WanImageToVideoPipeline": "classifier-free guidance calls the transformer twice per step; per-pass caches "
+                               "are not built yet",
+}
+
+
+def _saving_the_original(pipe, attribute, original, wrapper):
+    """`pipe.save_pretrained` that writes the original denoiser (diffusers cannot save the
     wrapper: its class is no diffusers model), as if the pipeline were not parallelized."""
     save = type(pipe).save_pretrained
 
     def save_pretrained(*args, **kwargs):
-        pipe.__dict__["unet"] = original
+        pipe.__dict__[attribute] = original
         try:
             return save(pipe, *args, **kwargs)
         finally:
-            pipe.__dict__["unet"] = wrapper
+            pipe.__dict__[attribute] = wrapper
 
     return save_pretrained
 
 
-def _example_inputs(unet):
-    """Inputs built for the UNet's class, or None: then the plan waits for the first call."""
+def _example_inputs(denoiser):
+    """Inputs built for the denoiser's class, or None: then the plan waits for the first call."""
     try:
-        return unet_inputs(unet)
+        return example_inputs(denoiser)
     except TypeError:
         return None

@@ -47,6 +47,14 @@ def _vae():
     ).eval()
 
 
+def _ddim():
+    """SD's DDIM without x0 clipping (random weights predict anything)."""
+    import diffusers
+
+    return diffusers.DDIMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                                   beta_end=0.012, clip_sample=False, set_alpha_to_one=False)
+
+
 def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None, inpaint=False):
     """A tiny random `StableDiffusion[XL][Img2Img|Inpaint]Pipeline` of `family` (sd15,
     sd21, sdxl); `inpaint`: with a 9-channel UNet (latent, mask, masked image latent).
@@ -58,10 +66,7 @@ def tiny_sd_pipeline(family="sd15", img2img=False, seed=0, scheduler=None, inpai
         unet = diffusers.UNet2DConditionModel(**{**UNET_CONFIGS[f"tiny-{family}"], "in_channels": 9}).eval()
     else:
         unet = build_unet(f"tiny-{family}", device="cpu", dtype=torch.float32, seed=seed).eval()
-    scheduler = scheduler or diffusers.DDIMScheduler(
-        num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-        clip_sample=False, set_alpha_to_one=False,
-    )
+    scheduler = scheduler or _ddim()
     tokenizer = tiny_tokenizer()
     parts = dict(unet=unet, vae=_vae(), scheduler=scheduler, tokenizer=tokenizer)
     task = "Inpaint" if inpaint else "Img2Img" if img2img else ""
@@ -145,3 +150,54 @@ def tiny_svd_pipeline(seed=0):
         feature_extractor=CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}))
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# Diffusion transformers: pipelines without text encoders (tests pass prompt embeddings),
+# each with a tiny transformer of the family's class.
+def tiny_transformer_pipeline(family, seed=0):
+    """A tiny `StableDiffusion3Pipeline` ("sd3"), `FluxPipeline` ("flux"),
+    `PixArtSigmaPipeline` ("pixart") or `DiTPipeline` ("dit"); text conditioning is given
+    as embeddings (`tiny_prompt_embeddings`)."""
+    import diffusers
+
+    torch.manual_seed(seed)
+    flow = diffusers.FlowMatchEulerDiscreteScheduler()
+    no_text = dict(text_encoder=None, tokenizer=None)
+    if family == "sd3":
+        transformer = diffusers.SD3Transformer2DModel(
+            sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=4, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, caption_projection_dim=16, pooled_projection_dim=16,
+            pos_embed_max_size=16)
+        pipe = diffusers.StableDiffusion3Pipeline(
+            transformer=transformer.eval(), scheduler=flow, vae=_vae(), **no_text, text_encoder_2=None,
+            tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    elif family == "flux":
+        transformer = diffusers.FluxTransformer2DModel(
+            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
+            axes_dims_rope=(2, 2, 4))
+        pipe = diffusers.FluxPipeline(scheduler=flow, vae=_vae(), **no_text, text_encoder_2=None, tokenizer_2=None,
+                                      transformer=transformer.eval())
+    elif family == "pixart":
+        transformer = diffusers.PixArtTransformer2DModel(
+            sample_size=8, num_layers=4, patch_size=2, attention_head_dim=8, num_attention_heads=2, in_channels=4,
+            out_channels=8, cross_attention_dim=16, caption_channels=16, norm_type="ada_norm_single",
+            use_additional_conditions=False)
+        pipe = diffusers.PixArtSigmaPipeline(**no_text, vae=_vae(), transformer=transformer.eval(),
+                                             scheduler=_ddim())
+    elif family == "dit":
+        transformer = diffusers.DiTTransformer2DModel(
+            num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=4, sample_size=8,
+            patch_size=2, num_embeds_ada_norm=1000)
+        pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=_vae(), scheduler=_ddim(),
+                                     id2label={0: "cube", 1: "sphere"})
+    else:
+        raise ValueError(f"unknown tiny transformer family {family!r}: sd3, flux, pixart or dit")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tiny_prompt_embeddings(seed=0, tokens=5, width=16):
+    """(prompt embeddings, pooled embeddings) for the tiny transformer pipelines."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(1, tokens, width, generator=g), torch.randn(1, width, generator=g)
