@@ -1,10 +1,18 @@
 """AsyncDenoiser: a drop-in module with the denoiser's call signature that runs the
-AsyncDiff program, one denoiser call per step.
+AsyncDiff program.
 
 It follows the step index through the scheduler's timesteps: a new generation starts
 when the scheduler's `timesteps` tensor is a new object (every pipeline call runs
-`set_timesteps`) or the last one finished; the first timestep of a call locates its
-start in the list, so img2img and inpainting with strength < 1 work.
+`set_timesteps`) or a call comes for a step before the current one; the first timestep
+of a call locates its start in the list, so img2img and inpainting with strength < 1
+work. Schedulers that count their steps (`step_index`) say which step a call belongs to;
+for the others the timestep does.
+
+Several calls within one step (Wan's or FLUX true CFG's separate guidance passes) are
+*roles* (SEMANTICS.md): the r-th call of a step is role r, an asynchronous stream of its
+own with its own executor state and caches (the executors of roles r > 0 share the
+weights, streams and replicas of role 0's). A role first seen late, or called again
+after it skipped steps, starts over with its warm-up.
 
 What it guards, so that no call silently computes something else:
 - a change to the denoiser after the executor was built (FreeU, processors, LoRA,
@@ -13,10 +21,11 @@ What it guards, so that no call silently computes something else:
 - a generation belongs to the thread that started it: another thread's call while it
   runs is refused (one generation at a time per parallelized denoiser);
 - inputs that change shape within a generation (a callback that drops the
-  unconditional half) restart the warm-up for the rest of it at the new shapes.
+  unconditional half) restart that role's warm-up for the rest of it at the new shapes.
 """
 import logging
 import threading
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +33,16 @@ from .engine.call import DenoiserCall, as_model_timestep
 from .fingerprint import fingerprint, first_change
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Role:
+    """One role's asynchronous stream: its executor, and the steps it has run."""
+
+    executor: object
+    offset: int = 0  # the step its program starts at
+    last: int = None  # the step of its last call (None: not started in this generation)
+    shapes: tuple = None
 
 
 class AsyncDenoiser(torch.nn.Module):
@@ -40,8 +59,8 @@ class AsyncDenoiser(torch.nn.Module):
         self._fingerprint = fingerprint(denoiser)
         self._lock = threading.RLock()
         self._owner = None  # the thread whose generation is running
-        self._timesteps_seen = None
-        self._k = self._num_steps = 0
+        self._timesteps_seen = self._steps = None
+        self._roles = [_Role(executor)] if executor is not None else []
         self.rebuilds = 0
         self.removed = False
         self._planned_from_call = False  # else from example inputs built for the model class
@@ -71,7 +90,13 @@ class AsyncDenoiser(torch.nn.Module):
         """Abandon the running generation (e.g. one a caller interrupted), whichever
         thread started it; the next call starts a new one."""
         with self._lock:
-            self._owner, self._timesteps_seen, self._k = None, None, self._num_steps
+            self._owner, self._timesteps_seen, self._steps = None, None, None
+
+    def close(self):
+        """Close every role's executor (role 0's last: the others share its resources)."""
+        for role in reversed(self._roles):
+            role.executor.close()
+        self._roles = []
 
     def _claim(self):
         me, owner = threading.current_thread(), self._owner
@@ -85,52 +110,65 @@ class AsyncDenoiser(torch.nn.Module):
 
     def _step(self, call):
         scheduler = self._scheduler_source()
-        if self._k >= self._num_steps or (scheduler.timesteps is not self._timesteps_seen
-                                          and not self._continues(scheduler, call)):
+        if self._steps is None or (scheduler.timesteps is not self._timesteps_seen
+                                   and not self._continues(scheduler, call)):
             self._begin(scheduler, call)
-        elif call.shapes() != self._shapes:
-            log.info("denoiser inputs changed shape at step %d: the warm-up restarts for the rest of the "
-                     "generation", self._k)
-            self._start(self._steps, self._values, self._k, call)
-        self._check_position(scheduler)
-        if not self._is_current_timestep(call):
-            raise RuntimeError(
-                f"denoiser call {self._k} of this generation got timestep {call.scheduler_value()}, but the "
-                f"scheduler's list has {self._values[self._k]} there; AsyncDiff needs one denoiser call per "
-                "scheduler timestep, in order, from the pipeline it was parallelized on (a pipeline made from it "
-                "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give it "
-                "handle.original)")
-        out = self.executor.step(self._k - self._offset, call)
-        self._k += 1
-        if self._k == self._num_steps:
-            self._owner = None
+        k = self._locate(scheduler, call)
+        if k is None:  # a step before the current one, or past the end: a new generation on the same list
+            self._begin(scheduler, call)
+            k = self._locate(scheduler, call)
+        index = self._role + 1 if k == self._k else 0
+        role = self._role_at(index, k, call)
+        out = role.executor.step(k - role.offset, call)
+        role.last, self._k, self._role = k, k, index
+        if k == self._num_steps - 1:
+            self._owner = None  # the last step: the next call may start a generation of another thread
         return out
 
-    def _check_position(self, scheduler):
-        """Schedulers that count their steps say which step this call belongs to: a second
-        call within one step (separate guidance passes) must not pass for the next step."""
-        if not hasattr(type(scheduler), "step_index"):
-            return
-        index = scheduler.step_index
-        at = 0 if index is None else index - self._begin_at
-        if at == self._k - 1:
+    def _locate(self, scheduler, call):
+        """The step this call belongs to (the current one: another role; the next one), or
+        None when it cannot continue this generation."""
+        if hasattr(type(scheduler), "step_index"):
+            index = scheduler.step_index
+            k = 0 if index is None else index - self._begin_at
+        else:
+            k = self._k if self._k >= 0 and self._is_timestep_at(call, self._k) else self._k + 1
+        if not self._k <= k < self._num_steps:
+            return None
+        if k > self._k + 1 or not self._is_timestep_at(call, k):
             raise RuntimeError(
-                f"the pipeline called the denoiser twice in scheduler step {at} (separate guidance passes, as Wan "
-                "or FLUX true CFG make); AsyncDiff needs one call per step: per-pass caches are not built yet, so "
-                "batch both passes into one call or run this pipeline without parallelize")
-        if at != self._k:
-            raise RuntimeError(f"the scheduler is at step {at} of this generation but the denoiser was called for "
-                               f"step {self._k}; AsyncDiff needs one denoiser call per scheduler step, in order")
+                f"the denoiser was called with timestep {call.scheduler_value()} for step {k} of this generation, "
+                f"where the scheduler's list has {self._values[k]}; AsyncDiff follows the scheduler step by step, "
+                "from the pipeline it was parallelized on (a pipeline made from it with from_pipe or "
+                "**pipe.components and its own scheduler must not share its denoiser: give it handle.original)")
+        return k
 
-    def _is_current_timestep(self, call):
+    def _is_timestep_at(self, call, k):
         # Most pipelines pass the scheduler's own element (or a view of it): comparing
-        # storage reads nothing. A GPU value is taken by call order: reading it would
-        # block the host every step.
-        timestep, expected = call.timestep, self._steps[self._k]
+        # storage reads nothing. A GPU value that is no such view is taken by call order:
+        # reading it would block the host every step.
+        timestep, expected = call.timestep, self._steps[k]
         if isinstance(timestep, torch.Tensor):
-            if timestep.data_ptr() == expected.data_ptr() or timestep.device.type != "cpu":
+            if timestep.data_ptr() == expected.data_ptr():
                 return True
-        return _is_model_timestep(call, self._values[self._k])
+            if timestep.device.type != "cpu":
+                return k != self._k  # by order: a new step, unless its counter says otherwise
+        return _is_model_timestep(call, self._values[k])
+
+    def _role_at(self, index, k, call):
+        """Role `index`'s stream, (re)started when it is new in this generation, skipped a
+        step, or its inputs changed shape."""
+        while len(self._roles) <= index:
+            self._roles.append(_Role(self.executor.sibling()))
+        role = self._roles[index]
+        if role.last is None or role.last != k - 1 or call.shapes() != role.shapes:
+            if role.last is not None or k > 0:
+                log.info("role %d starts (or restarts its warm-up) at step %d", index, k)
+            left = self._num_steps - k
+            program = self.plan.program(left, warmup=min(self.plan.warmup, left) if k else None)
+            role.executor.start(program, self._steps[k:])
+            role.offset, role.shapes = k, call.shapes()
+        return role
 
     def _continues(self, scheduler, call):
         """Whether a call whose scheduler has a new timesteps list still continues the
@@ -138,9 +176,11 @@ class AsyncDenoiser(torch.nn.Module):
         thread), and this is the step expected next. A new generation starts at its
         first timestep (or at the scheduler's begin index)."""
         begin = getattr(scheduler, "begin_index", None)
-        if self._k == 0 or begin not in (None, self._begin_index):
+        if self._k <= 0 or begin not in (None, self._begin_index):
             return False
-        if self._list_values(scheduler) != self._all_values or not _is_model_timestep(call, self._values[self._k]):
+        if self._list_values(scheduler) != self._all_values:
+            return False
+        if not any(_is_model_timestep(call, self._values[k]) for k in (self._k, self._k + 1) if k < self._num_steps):
             return False
         self._timesteps_seen = scheduler.timesteps
         return True
@@ -163,17 +203,11 @@ class AsyncDenoiser(torch.nn.Module):
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
         self._timesteps_seen, self._all_values, self._begin_at = timesteps, values, start
-        self._start(timesteps[start:], values[start:], 0, call)
+        self._steps, self._values, self._num_steps = timesteps[start:], values[start:], len(values) - start
+        self._k, self._role = -1, -1
+        for role in self._roles:
+            role.last = None
         self.executor.stats.generations += 1
-
-    def _start(self, steps, values, offset, call):
-        """Run steps[offset:] as a program of their own (a generation, or its rest after a
-        change of shapes): warm-up first, at most as long as the steps left."""
-        left = len(steps) - offset
-        program = self.plan.program(left, warmup=min(self.plan.warmup, left) if offset else None)
-        self._steps, self._values, self._num_steps, self._k, self._offset = steps, values, len(steps), offset, offset
-        self._shapes = call.shapes()
-        self.executor.start(program, steps[offset:])
 
     def _follow_changes(self, call):
         """Make the plan and executor at the first call when they wait for it; make them
@@ -195,8 +229,9 @@ class AsyncDenoiser(torch.nn.Module):
             else:
                 log.info("the call passes arguments the plan has not seen: planning from the call")
             self.plan = self.executor = None  # a failed rebuild leaves nothing half-made
-            old.close()
+            self.close()
         self.plan, self.executor = self._rebuild(source)
+        self._roles = [_Role(self.executor)]
         self._planned_from_call = source is not None
         if old is not None:
             self.executor.stats.absorb(old.stats)

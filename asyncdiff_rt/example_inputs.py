@@ -47,7 +47,7 @@ def _latent_size(config, height, width):
     size = config.sample_size
     if size is None:
         if height is None or width is None:
-            raise ValueError("this denoiser's config has no sample_size: give height and width")
+            raise TypeError("this denoiser's config has no sample_size: give height and width")
         size = (height, width)
     size = size if isinstance(size, (tuple, list)) else (size, size)
     return height or size[0], width or size[1]

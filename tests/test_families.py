@@ -1,5 +1,5 @@
 """Every UNet pipeline of the paper and the reference code, and the diffusion
-transformers (SD3, FLUX, PixArt, DiT), small and random, built offline: W = K equals the sequential pipeline exactly, W = 1 runs and differs a little,
+transformers (SD3, FLUX, PixArt, DiT, Wan 2.1), small and random, built offline: W = K equals the sequential pipeline exactly, W = 1 runs and differs a little,
 N = 3 with S = 2 runs, the local executor on `cpu*N` equals the reference executor bit
 for bit, and `remove()` restores the pipeline."""
 import warnings
@@ -38,6 +38,9 @@ def _transformer_call(family):
         common = dict(num_inference_steps=STEPS, generator=g)
         if family == "dit":
             return torch.as_tensor(pipe(class_labels=[1], output_type="np", **common).images)
+        if family == "wan":  # guidance: two calls per step, two roles
+            return pipe(prompt_embeds=EMBEDS, negative_prompt_embeds=-EMBEDS, height=16, width=16, num_frames=5,
+                        guidance_scale=5.0, output_type="latent", **common).frames
         if family == "pixart":
             mask = torch.ones(1, EMBEDS.shape[1])
             return pipe(prompt_embeds=EMBEDS, prompt_attention_mask=mask, negative_prompt=None,
@@ -52,7 +55,7 @@ def _transformer_call(family):
 
 # family -> (pipeline factory, call(pipe, seed) -> latents)
 FAMILIES = {
-    **{family: _transformer_call(family) for family in ("sd3", "flux", "pixart", "dit")},
+    **{family: _transformer_call(family) for family in ("sd3", "flux", "pixart", "dit", "wan")},
     "upscaler": (tiny.tiny_upscaler_pipeline,
                  lambda pipe, seed: pipe("a red cube", image=IMAGE[..., :8, :8], num_inference_steps=STEPS,
                                          output_type="latent", generator=torch.Generator().manual_seed(seed)).images),
@@ -88,7 +91,7 @@ def test_warmup_over_all_steps_is_sequential(family):
     for executor in ("reference", "local"):
         out, stats = parallel(pipe, call, n_components=2, warmup=STEPS, executor=executor, devices="cpu*2")
         assert torch.equal(out, sequential), (name, executor)
-        assert stats["steps"] == {"warmup": STEPS}
+        assert stats["steps"] == {"warmup": STEPS * (2 if name == "wan" else 1)}  # Wan: a role per guidance pass
 
 
 @pytest.mark.parametrize("settings", [dict(n_components=2, warmup=1), dict(n_components=3, stride=2, warmup=1)],
@@ -101,7 +104,7 @@ def test_local_equals_reference_and_differs_a_little_from_sequential(family, set
     assert torch.equal(local, ref), name
     assert not torch.equal(ref, sequential) and torch.isfinite(ref).all()
     assert (ref - sequential).norm() < 0.5 * sequential.norm(), name  # a little: same picture
-    assert stats["steps"].get("warmup") == 1 and stats["rebuilds"] == 0
+    assert stats["steps"].get("warmup") == (2 if name == "wan" else 1) and stats["rebuilds"] == 0
 
 
 def test_remove_restores_the_pipeline(family):

@@ -164,6 +164,13 @@ def test_example_inputs_by_class():
     # trace.unet_inputs is unchanged for UNet2DConditionModel.
     latent, _, _, kw = unet_inputs(build_unet("sd15"), batch=2, height=64, width=64)()
     assert latent.shape == (2, 4, 64, 64) and set(kw) == {"encoder_hidden_states"}
+    from diffusers import UNet3DConditionModel
+
+    with torch.device("meta"):
+        text_to_video = UNet3DConditionModel(sample_size=8, block_out_channels=(32, 32, 64, 64), norm_num_groups=8,
+                                             cross_attention_dim=32, attention_head_dim=8, layers_per_block=1)
+    latent, _, _, kw = example_inputs(text_to_video, frames=3)()
+    assert latent.shape == (2, 4, 3, 8, 8) and kw["encoder_hidden_states"].shape == (2, 77, 32)
     with pytest.raises(TypeError, match="no example inputs for Linear"):
         example_inputs(torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="takes no frames"):

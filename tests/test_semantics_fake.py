@@ -449,3 +449,60 @@ def test_a_generation_starting_part_way_runs_over_the_rest(begin_index):
     assert len(part) == len(whole) == 5
     for k, (a, b) in enumerate(zip(part, whole)):
         assert torch.equal(a, b), f"step {k}: {decode(a)} != {decode(b)}"
+
+
+def run_roles(n, stride, warmup, shift, reuse, num_steps, conds, first_step):
+    """One generation where role r (cond `conds[r]`) is called at every step from
+    `first_step[r]` on, roles in order within a step: eps per (step, role)."""
+    torch.manual_seed(0)
+    den = FakeDenoiser()
+    plan = make_plan(den, make_inputs, n_components=n, stride=stride, warmup=warmup, time_shift=shift,
+                     partition=PARTITIONS[n], stride_reuse=reuse)
+    T = timesteps(num_steps)
+    scheduler = types.SimpleNamespace(timesteps=T, begin_index=None)
+    executor = make_executor("reference", den, plan)
+    wrapper = AsyncDenoiser(den, plan, executor, lambda: scheduler)
+    eps = {}
+    with torch.no_grad():
+        for k in range(num_steps):
+            den.clock.k = k
+            for r, (c, first) in enumerate(zip(conds, first_step)):
+                if k >= first:
+                    eps[k, r] = wrapper(latent(k), T[k], cond=torch.full((1, 1), c)).clone()
+    wrapper.close()
+    return eps
+
+
+def one_role(n, stride, warmup, shift, reuse, num_steps, cond, first):
+    """The one-call rules for a role of cond `cond` called from step `first` on: the
+    semantics' own model of a generation over T[first:]."""
+    torch.manual_seed(0)
+    den = FakeDenoiser()
+    plan = make_plan(den, make_inputs, n_components=n, stride=stride, warmup=min(warmup, num_steps - first),
+                     time_shift=shift, partition=PARTITIONS[n], stride_reuse=reuse)
+    T = timesteps(num_steps)
+    executor = make_executor("reference", den, plan)
+    wrapper = AsyncDenoiser(den, plan, executor, lambda: types.SimpleNamespace(timesteps=T, begin_index=first))
+    out = {}
+    with torch.no_grad():
+        for k in range(first, num_steps):
+            den.clock.k = k
+            out[k] = wrapper(latent(k), T[k], cond=torch.full((1, 1), cond)).clone()
+    wrapper.close()
+    return out
+
+
+@pytest.mark.parametrize("n,s,w,sh,reuse,k", [c for c in ASYNC_CASES if isinstance(c.values[0], int)][::5])
+def test_each_call_role_is_its_own_stream(n, s, w, sh, reuse, k):
+    """SEMANTICS, call roles: the r-th call of a step is role r, computed exactly as the
+    one-call rules with its own caches; a role first seen at step k0 runs whole forwards
+    for its first W steps; stale activations of one role never reach another."""
+    conds, first = (COND, -3.0, 5.0), (0, 0, 2)
+    eps = run_roles(n, s, w, sh, reuse, k, conds, first)
+    for r, (c, f) in enumerate(zip(conds, first)):
+        alone = one_role(n, s, w, sh, reuse, k, c, f)
+        for step, value in alone.items():
+            assert torch.equal(eps[step, r], value), f"role {r} step {step}: {decode(eps[step, r])} != {decode(value)}"
+    with_one_role = run_roles(n, s, w, sh, reuse, k, conds[:1], first[:1])
+    assert all(torch.equal(with_one_role[step, 0], eps[step, 0]) for step in range(k))
+    assert all(decode(eps[step, 1])["cond"] == -3.0 for step in range(w, k))  # role 1's own activations

@@ -60,20 +60,29 @@ def test_flux_timesteps_are_matched_as_the_model_receives_them():
         handle.remove()
 
 
-def test_two_denoiser_calls_per_step_are_refused_not_taken_for_the_next_step():
-    """FLUX true CFG runs the transformer twice per step: refused, never a silent skip."""
+def test_flux_true_cfg_runs_each_guidance_pass_as_its_own_role():
+    """True CFG calls the transformer twice per step: two roles, each with its own
+    caches. W = K is the sequential pipeline; the local executor equals the reference."""
     pipe = tiny_transformer_pipeline("flux")
-    handle = asyncdiff_rt.parallelize(pipe, executor="local", devices="cpu*2", n_components=2)
-    try:
-        with pytest.raises(RuntimeError, match="twice in scheduler step 0"):
-            flux(pipe, true_cfg_scale=2.0, negative_prompt_embeds=-EMBEDS, negative_pooled_prompt_embeds=-POOLED)
-        flux(pipe)  # the next good call runs
-    finally:
-        handle.remove()
+    cfg = dict(true_cfg_scale=2.0, negative_prompt_embeds=-EMBEDS, negative_pooled_prompt_embeds=-POOLED)
+    sequential, results = flux(pipe, **cfg), {}
+    for executor, warmup in (("reference", 4), ("reference", 1), ("local", 1)):
+        handle = asyncdiff_rt.parallelize(pipe, executor=executor, devices="cpu*2", n_components=2, warmup=warmup)
+        try:
+            results[executor, warmup] = flux(pipe, **cfg)
+            steps = handle.stats()["steps"]
+        finally:
+            handle.remove()
+    assert torch.equal(results["reference", 4], sequential)
+    assert torch.equal(results["local", 1], results["reference", 1])
+    assert not torch.equal(results["local", 1], sequential)
+    assert steps == {"warmup": 2, "async": 6}  # two roles of 4 steps each
 
 
-def test_pipelines_that_cannot_run_are_refused_by_name():
-    pipe = tiny_transformer_pipeline("flux")
-    wan = type("WanPipeline", (), {"transformer": pipe.transformer, "scheduler": pipe.scheduler})()
-    with pytest.raises(TypeError, match="WanPipeline: classifier-free guidance calls the transformer twice"):
-        asyncdiff_rt.parallelize(wan)
+def test_what_cannot_run_is_refused_with_the_reason():
+    pipe = tiny_transformer_pipeline("wan")
+    pipe.transformer_2 = tiny_transformer_pipeline("wan", seed=1).transformer  # Wan 2.2's second expert
+    with pytest.raises(TypeError, match="WanPipeline with a transformer_2"):
+        asyncdiff_rt.parallelize(pipe)
+    with pytest.raises(TypeError, match="`unet` or `transformer` module.*got AutoencoderKLWan"):
+        asyncdiff_rt.parallelize(pipe.vae)

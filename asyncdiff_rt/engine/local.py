@@ -74,9 +74,25 @@ class LocalExecutor:
         except BaseException:
             self._devices.close()
             raise
-        self.graphs = GraphCache(enabled=graphs)
         self.stats = ExecutorStats(n)
         self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
+        self._shares = None  # the executor whose lanes and replicas a sibling uses (None: its own)
+        self._init_role(graphs)
+
+    def sibling(self):
+        """An executor for another call role (SEMANTICS.md): its own caches, graphs, events
+        and generation state, on this executor's lanes, streams and replicas (weights are
+        not copied again). Close it before this one."""
+        other = LocalExecutor.__new__(LocalExecutor)
+        other.plan, other.home, other.lanes, other.engine = self.plan, self.home, self.lanes, self.engine
+        other.replicas, other.stats, other.delay_cycles = self.replicas, self.stats, self.delay_cycles
+        other._devices, other._shares = self._devices, self
+        other._init_role(self.graphs.enabled)
+        return other
+
+    def _init_role(self, graphs):
+        """The state one role of calls owns."""
+        self.graphs = GraphCache(enabled=graphs)
         self._buffer_plan = None
         self._layouts = OrderedDict()  # input layout -> _Layout, least recently used first
         ev = self.engine.event
@@ -185,7 +201,7 @@ class LocalExecutor:
             self._quiesce()  # rare: a fourth layout; its buffers are freed right after
             self.graphs.drop(lambda k: old in (k[3], k[4]))
             for replica in self.replicas:
-                replica.drop(old)
+                replica.drop((id(self), old))
             del self._layouts[old]
 
     def _bind_home(self, device):
@@ -296,7 +312,9 @@ class LocalExecutor:
         self._pending[lane] = []
         self._delay(stream)
         with _on(stream):
-            copied = self.replicas[lane].load(self._call, layout, tau, self._tables[lane], everything)
+            # static inputs are per role (id(self)): roles share the replicas, not their graphs
+            key = (id(self), layout) if layout is not None else None
+            copied = self.replicas[lane].load(self._call, key, tau, self._tables[lane], everything)
         if self._program.steps[self._k].phase != "reuse":  # counted per Forward, as every executor does
             self.stats.argument_bytes[lane] += copied
         if copied:  # the pipeline may free those arguments: its stream waits for the copies
@@ -468,10 +486,14 @@ class LocalExecutor:
         if self._devices is None:
             return
         self._abandon()
-        for replica in self.replicas:
-            replica.close()
+        for key in self._layouts:
+            for replica in self.replicas:
+                replica.drop((id(self), key))
         self.graphs.clear()
         self._layouts.clear()
         self._committed = self._outputs = {}
-        self._devices.close()
+        if self._shares is None:  # a sibling leaves the lanes and replicas to their owner
+            for replica in self.replicas:
+                replica.close()
+            self._devices.close()
         self._devices = None

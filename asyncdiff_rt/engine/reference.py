@@ -15,12 +15,20 @@ from .substitution import UnitSwitch
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(self, denoiser, plan):
+    def __init__(self, denoiser, plan, switch=None):
         self.plan = plan
-        self._switch = UnitSwitch(denoiser, plan.graph.paths)
+        self._owns_switch = switch is None
+        self._switch = switch or UnitSwitch(denoiser, plan.graph.paths)
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self.stats = ExecutorStats(plan.n_devices)
         self._program = None
+
+    def sibling(self):
+        """An executor for another call role (SEMANTICS.md): its own simulated devices and
+        caches, on the same denoiser. Close it before this one."""
+        other = ReferenceExecutor(None, self.plan, switch=self._switch)
+        other.stats = self.stats
+        return other
 
     def start(self, program, timesteps):
         """Begin one generation: empty caches on every simulated device."""
@@ -85,7 +93,8 @@ class ReferenceExecutor:
                 self._emitted = self._call.run(self._call.latent, tau, skipped)
 
     def close(self):
-        self._switch.remove()
+        if self._owns_switch:
+            self._switch.remove()
 
 
 def _nbytes(tree):

@@ -56,7 +56,7 @@ class AsyncDiffHandle:
         if wrapper.removed:
             return
         wrapper.removed = True
-        wrapper.executor.close()
+        wrapper.close()
         self._pipe.__dict__.pop("save_pretrained", None)
         now = self._pipe.__dict__.get(self._attribute)
         if now is not wrapper:
@@ -114,18 +114,10 @@ def _denoiser_attribute(pipe):
         raise TypeError(
             f"parallelize expects a diffusers pipeline with a `unet` or `transformer` module and a `scheduler` "
             f"(e.g. StableDiffusionPipeline, FluxPipeline), got {type(pipe).__name__}")
-    if type(pipe).__name__ in REFUSED:
-        raise TypeError(f"{type(pipe).__name__}: {REFUSED[type(pipe).__name__]}")
+    if getattr(pipe, "transformer_2", None) is not None:
+        raise TypeError(f"{type(pipe).__name__} with a transformer_2 (Wan 2.2's low-noise expert): only one "
+                        "denoiser per pipeline runs asynchronously; set pipe.transformer_2 = None or run it plainly")
     return found[0]
-
-
-# Pipelines that cannot run yet, by class name, with the reason.
-REFUSED = {
-    "WanPipeline": "classifier-free guidance calls the transformer twice per step, and Wan 2.2 switches "
-                   "between two transformers; per-pass caches are not built yet",
-    "WanImageToVideoPipeline": "classifier-free guidance calls the transformer twice per step; per-pass caches "
-                               "are not built yet",
-}
 
 
 def _saving_the_original(pipe, attribute, original, wrapper):

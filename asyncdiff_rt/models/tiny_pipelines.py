@@ -156,8 +156,9 @@ def tiny_svd_pipeline(seed=0):
 # each with a tiny transformer of the family's class.
 def tiny_transformer_pipeline(family, seed=0):
     """A tiny `StableDiffusion3Pipeline` ("sd3"), `FluxPipeline` ("flux"),
-    `PixArtSigmaPipeline` ("pixart") or `DiTPipeline` ("dit"); text conditioning is given
-    as embeddings (`tiny_prompt_embeddings`)."""
+    `PixArtSigmaPipeline` ("pixart"), `DiTPipeline` ("dit") or `WanPipeline` ("wan", Wan
+    2.1: classifier-free guidance as two transformer calls per step); text conditioning is
+    given as embeddings (`tiny_prompt_embeddings`)."""
     import diffusers
 
     torch.manual_seed(seed)
@@ -191,8 +192,17 @@ def tiny_transformer_pipeline(family, seed=0):
             patch_size=2, num_embeds_ada_norm=1000)
         pipe = diffusers.DiTPipeline(transformer=transformer.eval(), vae=_vae(), scheduler=_ddim(),
                                      id2label={0: "cube", 1: "sphere"})
+    elif family == "wan":
+        transformer = diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=12, in_channels=16, out_channels=16,
+            text_dim=16, freq_dim=256, ffn_dim=32, num_layers=2, cross_attn_norm=True,
+            qk_norm="rms_norm_across_heads", rope_max_seq_len=32)
+        vae = diffusers.AutoencoderKLWan(base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1,
+                                         temperal_downsample=[False, True, True])
+        pipe = diffusers.WanPipeline(**no_text, vae=vae.eval(), scheduler=diffusers.FlowMatchEulerDiscreteScheduler(
+            shift=7.0), transformer=transformer.eval())
     else:
-        raise ValueError(f"unknown tiny transformer family {family!r}: sd3, flux, pixart or dit")
+        raise ValueError(f"unknown tiny transformer family {family!r}: sd3, flux, pixart, dit or wan")
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
