@@ -52,7 +52,7 @@ class Plan:
 
     def summary(self, num_steps=50):
         """The plan's figures as plain data (what `asyncdiff-rt plan --json` prints)."""
-        g, loads = self.graph, self.partition.loads(self.graph)
+        g, loads, n = self.graph, self.partition.loads(self.graph), self.n_components
         total = sum(loads) + g.shared_flops
         ours = bytes_per_step(self.program(max(num_steps, self.warmup)), g, self.transfers)
         return {
@@ -70,6 +70,10 @@ class Plan:
             "ideal_speedup": ideal_speedup(num_steps, self.warmup, self.stride, loads, g.shared_flops),
             "ideal_speedup_formula": "K*(L+s) / (W*(L+s) + F*(max_c+s)); L = sum of component FLOPs, "
             "s = shared FLOPs every device repeats, F = asynchronous steps that run a forward",
+            "weight_bytes_per_device": [
+                g.shared_weight_bytes + sum(g.unit(p).weight_bytes for p in self.partition.components[min(d, n - 1)])
+                for d in range(self.n_devices)],
+            "weight_bytes_whole": g.weight_bytes,
             "bytes_per_step": ours,
             "arguments_per_device": [list(a) for a in self.transfers.reads_arguments or ()],
             "broadcast_bytes_per_step": broadcast_bytes_per_step(g, self.partition, self.stride),
@@ -91,6 +95,8 @@ class Plan:
         lines.append(f"  ideal speedup at K={s['num_steps']}: {s['ideal_speedup']:.2f}x  [{s['ideal_speedup_formula']}]")
         for d, (ours, ref) in enumerate(zip(s["bytes_per_step"], s["broadcast_bytes_per_step"])):
             lines.append(f"  device {d} receives {ours / 2**20:8.2f} MiB/step (reference broadcast: {ref / 2**20:8.2f})")
+        weights = " / ".join(f"{w / 2**30:.2f}" for w in s["weight_bytes_per_device"])
+        lines.append(f"  weights per device: {weights} GiB (whole denoiser {s['weight_bytes_whole'] / 2**30:.2f} GiB)")
         residuals = [a for a in self.graph.arguments if "residual" in a]
         if residuals:  # a ControlNet's: it runs in the pipeline, on its device (the host)
             got = ", ".join(f"device {d}: {sum(a in residuals for a in reads)}"

@@ -1,5 +1,6 @@
 """Units: the placeable blocks of a denoiser, in execution order, with outputs and costs."""
 from dataclasses import dataclass, field
+from itertools import chain
 
 from .trace import trace_denoiser
 
@@ -10,6 +11,7 @@ class Unit:
     index: int  # position in execution order
     outputs: tuple  # TensorSpec per output tensor
     flops: int
+    weight_bytes: int = 0  # its parameters and buffers
 
     @property
     def nbytes(self):
@@ -27,6 +29,8 @@ class UnitGraph:
     total_flops: int
     arguments: dict = field(default_factory=dict)  # argument label -> TensorSpec (arguments.py)
     read_outside: tuple = ()  # module paths inside units that code outside the unit calls
+    weight_bytes: int = 0  # the whole denoiser's parameters and buffers
+    outside_weight_bytes: int = 0  # those of the `read_outside` modules (kept on every device)
 
     @property
     def paths(self):
@@ -44,6 +48,11 @@ class UnitGraph:
         return reaching[-1].path
 
     @property
+    def shared_weight_bytes(self):
+        """Weights every device holds: shared modules, and unit parts code outside them reads."""
+        return self.weight_bytes - sum(u.weight_bytes for u in self.units) + self.outside_weight_bytes
+
+    @property
     def shared_flops(self):
         """Work every device repeats: shared modules (time, condition embeddings) and glue."""
         return max(self.total_flops - sum(u.flops for u in self.units), 0)
@@ -53,7 +62,9 @@ def find_units(denoiser, make_inputs):
     """List the units of `denoiser` from one hooked forward on fake tensors (see trace.py)."""
     trace = trace_denoiser(denoiser, make_inputs)
     calls = [c for c in trace.calls if c.is_unit]
-    units = tuple(Unit(c.path, i, c.outputs, c.flops) for i, c in enumerate(calls))
+    units = tuple(Unit(c.path, i, c.outputs, c.flops, _bytes(denoiser.get_submodule(c.path)))
+                  for i, c in enumerate(calls))
+    outside = [denoiser.get_submodule(p) for p in trace.read_outside]
     return UnitGraph(
         units=units,
         reads={c.path: c.reads for c in calls},
@@ -62,4 +73,15 @@ def find_units(denoiser, make_inputs):
         total_flops=trace.total_flops,
         arguments=trace.arguments,
         read_outside=trace.read_outside,
+        weight_bytes=_bytes(denoiser),
+        outside_weight_bytes=_bytes(*outside),
     )
+
+
+def _bytes(*modules):
+    """Bytes of the distinct parameters and buffers of `modules` (on meta too: sizes only)."""
+    seen = {}
+    for module in modules:
+        for t in chain(module.parameters(), module.buffers()):
+            seen[id(t)] = t.numel() * t.element_size()
+    return sum(seen.values())

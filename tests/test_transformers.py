@@ -43,6 +43,7 @@ def test_replicas_hold_their_own_blocks_and_the_shared_modules(family):
             own = set().union(*(tensors(transformer.get_submodule(p)) for p in plan.partition.components[d]))
             assert tensors(replica.module) == shared | own | kept
             assert weight_bytes(replica.module) < weight_bytes(transformer)
+            assert weight_bytes(replica.module) == plan.summary()["weight_bytes_per_device"][d]  # the plan says so
         assert bool(kept) == (family == "dit")  # DiT's forward reads transformer_blocks[0].norm1.emb itself
     finally:
         handle.remove()
