@@ -70,9 +70,8 @@ class Plan:
             "ideal_speedup": ideal_speedup(num_steps, self.warmup, self.stride, loads, g.shared_flops),
             "ideal_speedup_formula": "K*(L+s) / (W*(L+s) + F*(max_c+s)); L = sum of component FLOPs, "
             "s = shared FLOPs every device repeats, F = asynchronous steps that run a forward",
-            "weight_bytes_per_device": [
-                g.shared_weight_bytes + sum(g.unit(p).weight_bytes for p in self.partition.components[min(d, n - 1)])
-                for d in range(self.n_devices)],
+            "weight_bytes_per_device": [g.device_weight_bytes(set(self.partition.components[min(d, n - 1)]))
+                                        for d in range(self.n_devices)],
             "weight_bytes_whole": g.weight_bytes,
             "bytes_per_step": ours,
             "arguments_per_device": [list(a) for a in self.transfers.reads_arguments or ()],

@@ -30,7 +30,7 @@ class UnitGraph:
     arguments: dict = field(default_factory=dict)  # argument label -> TensorSpec (arguments.py)
     read_outside: tuple = ()  # module paths inside units that code outside the unit calls
     weight_bytes: int = 0  # the whole denoiser's parameters and buffers
-    outside_weight_bytes: int = 0  # those of the `read_outside` modules (kept on every device)
+    outside_weight_bytes: dict = field(default_factory=dict)  # unit -> bytes of its `read_outside` parts
 
     @property
     def paths(self):
@@ -47,10 +47,12 @@ class UnitGraph:
             raise ValueError("the denoiser's output derives from no unit: nothing to split")
         return reaching[-1].path
 
-    @property
-    def shared_weight_bytes(self):
-        """Weights every device holds: shared modules, and unit parts code outside them reads."""
-        return self.weight_bytes - sum(u.weight_bytes for u in self.units) + self.outside_weight_bytes
+    def device_weight_bytes(self, own):
+        """Weights a device that computes the units `own` holds: the shared modules, its
+        units, and the parts of other units that code outside them reads."""
+        shared = self.weight_bytes - sum(u.weight_bytes for u in self.units)
+        return shared + sum(u.weight_bytes if u.path in own else self.outside_weight_bytes.get(u.path, 0)
+                            for u in self.units)
 
     @property
     def shared_flops(self):
@@ -64,7 +66,7 @@ def find_units(denoiser, make_inputs):
     calls = [c for c in trace.calls if c.is_unit]
     units = tuple(Unit(c.path, i, c.outputs, c.flops, _bytes(denoiser.get_submodule(c.path)))
                   for i, c in enumerate(calls))
-    outside = [denoiser.get_submodule(p) for p in trace.read_outside]
+
     return UnitGraph(
         units=units,
         reads={c.path: c.reads for c in calls},
@@ -74,7 +76,8 @@ def find_units(denoiser, make_inputs):
         arguments=trace.arguments,
         read_outside=trace.read_outside,
         weight_bytes=_bytes(denoiser),
-        outside_weight_bytes=_bytes(*outside),
+        outside_weight_bytes={u.path: _bytes(*(denoiser.get_submodule(p) for p in trace.read_outside
+                                                if p.startswith(u.path + "."))) for u in units},
     )
 
 
