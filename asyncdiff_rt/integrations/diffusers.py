@@ -101,7 +101,8 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
-    pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, attribute, unet, wrapper)
+    if hasattr(type(pipe), "save_pretrained"):
+        pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, attribute, unet, wrapper)
     return AsyncDiffHandle(pipe, attribute, unet, wrapper)
 
 
