@@ -303,11 +303,14 @@ def test_prediction_comes_from_where_semantics_says(runs, n, s, w, sh, reuse, k)
 
 # ------------------------------------------------------- SEMANTICS.md as a model, exactly
 
-def model_run(partition, stride, warmup, shift, reuse, num_steps):
-    """SEMANTICS.md literally, in slot space: (eps per step, Counter of runs per step)."""
+def model_run(partition, stride, warmup, shift, reuse, num_steps, cond=COND, first=0):
+    """SEMANTICS.md literally, in slot space: (eps per step, Counter of runs per step), for
+    one role with conditioning `cond` first called at step `first` (its steps are T[first:])."""
     comps = PARTITIONS[partition]
     n, owner = len(comps), _owner(partition)
-    T = [float(t) for t in timesteps(num_steps)]
+    T = [float(t) for t in timesteps(num_steps)][first:]
+    warmup, x0 = min(warmup, num_steps - first), first  # x0: the absolute step of the role's step 0
+    num_steps -= first
     blank = {"x": -1.0, "cond": -1.0, "glue": -1.0, "glue_x": -1.0, **{u: (-1.0, -1.0) for u in UNITS}}
     cache, eps, runs = {}, [], []
 
@@ -320,18 +323,18 @@ def model_run(partition, stride, warmup, shift, reuse, num_steps):
                 outs[u] = cache[u]
                 return outs[u]
             log[(u, tau, _key(h), None if skip is None else _key(skip))] += 1
-            y = {**h, u: (float(k), tau)}
+            y = {**h, u: (float(k + x0), tau)}
             if u == "out":
-                y["cond"] = COND
+                y["cond"] = cond
             outs[u] = y
             return y
 
-        h = unit("first", {**blank, "x": float(k)})
+        h = unit("first", {**blank, "x": float(k + x0)})
         skip = h
         for b in UNITS[1:-1]:
             h = unit(b, h)
         y = unit("out", h, skip)
-        return {**y, "glue": tau, "glue_x": float(k)}, outs
+        return {**y, "glue": tau, "glue_x": float(k + x0)}, outs
 
     for k in range(num_steps):
         log = Counter()
@@ -473,25 +476,6 @@ def run_roles(n, stride, warmup, shift, reuse, num_steps, conds, first_step):
     return eps
 
 
-def one_role(n, stride, warmup, shift, reuse, num_steps, cond, first):
-    """The one-call rules for a role of cond `cond` called from step `first` on: the
-    semantics' own model of a generation over T[first:]."""
-    torch.manual_seed(0)
-    den = FakeDenoiser()
-    plan = make_plan(den, make_inputs, n_components=n, stride=stride, warmup=min(warmup, num_steps - first),
-                     time_shift=shift, partition=PARTITIONS[n], stride_reuse=reuse)
-    T = timesteps(num_steps)
-    executor = make_executor("reference", den, plan)
-    wrapper = AsyncDenoiser(den, plan, executor, lambda: types.SimpleNamespace(timesteps=T, begin_index=first))
-    out = {}
-    with torch.no_grad():
-        for k in range(first, num_steps):
-            den.clock.k = k
-            out[k] = wrapper(latent(k), T[k], cond=torch.full((1, 1), cond)).clone()
-    wrapper.close()
-    return out
-
-
 @pytest.mark.parametrize("n,s,w,sh,reuse,k", [c for c in ASYNC_CASES if isinstance(c.values[0], int)][::5])
 def test_each_call_role_is_its_own_stream(n, s, w, sh, reuse, k):
     """SEMANTICS, call roles: the r-th call of a step is role r, computed exactly as the
@@ -500,9 +484,9 @@ def test_each_call_role_is_its_own_stream(n, s, w, sh, reuse, k):
     conds, first = (COND, -3.0, 5.0), (0, 0, 2)
     eps = run_roles(n, s, w, sh, reuse, k, conds, first)
     for r, (c, f) in enumerate(zip(conds, first)):
-        alone = one_role(n, s, w, sh, reuse, k, c, f)
-        for step, value in alone.items():
-            assert torch.equal(eps[step, r], value), f"role {r} step {step}: {decode(eps[step, r])} != {decode(value)}"
+        want, _ = model_run(n, s, w, int(sh), reuse, k, cond=c, first=f)
+        for step, value in enumerate(want, start=f):
+            assert decode(eps[step, r]) == value, f"role {r} step {step}: {decode(eps[step, r])} != {value}"
     with_one_role = run_roles(n, s, w, sh, reuse, k, conds[:1], first[:1])
     assert all(torch.equal(with_one_role[step, 0], eps[step, 0]) for step in range(k))
     assert all(decode(eps[step, 1])["cond"] == -3.0 for step in range(w, k))  # role 1's own activations

@@ -1,9 +1,11 @@
 """Denoiser architectures of the families the runtime knows, as plain diffusers configs.
 
 Full-size configs let `asyncdiff-rt plan` build SD 1.5, SD 2.1, SDXL, Stable Video
-Diffusion (img2vid-xt), AnimateDiff (SD 1.5 and SDXL motion adapters) and the SD x4
-upscaler on the meta device without a hub; the tiny ones keep the real block layouts at
-test size. `build_unet` / `build_denoiser` builds any of them, of its own diffusers class.
+Diffusion (img2vid-xt), AnimateDiff (SD 1.5 and SDXL motion adapters), the SD x4
+upscaler and the diffusion transformers of SD 3 Medium, SD 3.5 Large, FLUX.1-dev,
+PixArt-Sigma, DiT-XL/2 and Wan 2.1 (1.3B, 14B) on the meta device without a hub; the tiny
+ones keep the real block layouts at test size. `build_unet` / `build_denoiser` builds any
+of them, of its own diffusers class.
 """
 import torch
 
@@ -85,6 +87,49 @@ UNET_CONFIGS = {
     ),
 }
 
+# Diffusion transformers: the published transformer/config.json of each checkpoint, as constructor
+# arguments of its diffusers class (TRANSFORMER_CLASSES); what is left out is the class's default
+# in diffusers 0.42 and the same as the published value.
+_SD3 = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=64,
+    joint_attention_dim=4096, pooled_projection_dim=2048, pos_embed_max_size=192,
+)
+_WAN21 = dict(
+    patch_size=(1, 2, 2), attention_head_dim=128, in_channels=16, out_channels=16, text_dim=4096, freq_dim=256,
+    cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024,
+)
+TRANSFORMER_CONFIGS = {
+    # stabilityai/stable-diffusion-3-medium-diffusers: 24 joint blocks, width 1536.
+    "sd3": dict(_SD3, num_layers=24, num_attention_heads=24, caption_projection_dim=1536),
+    # stabilityai/stable-diffusion-3.5-large: 38 joint blocks, width 2432, RMS-normed q and k.
+    "sd35-large": dict(_SD3, num_layers=38, num_attention_heads=38, caption_projection_dim=2432, qk_norm="rms_norm"),
+    # black-forest-labs/FLUX.1-dev: 19 double-stream and 38 single-stream blocks, guidance embedding.
+    "flux-dev": dict(
+        patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+        axes_dims_rope=(16, 56, 56),
+    ),
+    # PixArt-alpha/PixArt-Sigma-XL-2-1024-MS.
+    "pixart-sigma": dict(
+        sample_size=128, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+        out_channels=8, cross_attention_dim=1152, caption_channels=4096, norm_type="ada_norm_single",
+        use_additional_conditions=False, interpolation_scale=2,
+    ),
+    # facebook/DiT-XL-2-256 (class-conditional ImageNet, learned sigma: 8 output channels).
+    "dit-xl": dict(
+        sample_size=32, num_layers=28, patch_size=2, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+        out_channels=8, num_embeds_ada_norm=1000,
+    ),
+    # Wan-AI/Wan2.1-T2V-1.3B-Diffusers and Wan2.1-T2V-14B-Diffusers.
+    "wan2.1-1.3b": dict(_WAN21, num_attention_heads=12, ffn_dim=8960, num_layers=30),
+    "wan2.1-14b": dict(_WAN21, num_attention_heads=40, ffn_dim=13824, num_layers=40),
+}
+TRANSFORMER_CLASSES = {
+    "sd3": "SD3Transformer2DModel", "sd35-large": "SD3Transformer2DModel", "flux-dev": "FluxTransformer2DModel",
+    "pixart-sigma": "PixArtTransformer2DModel", "dit-xl": "DiTTransformer2DModel",
+    "wan2.1-1.3b": "WanTransformer3DModel", "wan2.1-14b": "WanTransformer3DModel",
+}
+
 # MotionAdapter configs: guoyww/animatediff-motion-adapter-v1-5-2 and -sdxl-beta (diffusers
 # MotionAdapter arguments; the rest are the class's defaults), and a tiny one for tests.
 MOTION_ADAPTERS = {
@@ -120,12 +165,19 @@ DENOISER_CLASSES = {
     "svd": "UNetSpatioTemporalConditionModel",
     "tiny-svd": "UNetSpatioTemporalConditionModel",
     **{name: "UNetMotionModel" for name in MOTION_UNETS},
+    **TRANSFORMER_CLASSES,
 }
 
 MODEL_ALIASES = {
     "sd15": "sd15", "sd1.5": "sd15", "sd21": "sd21", "sd2.1": "sd21", "sdxl": "sdxl",
     "svd": "svd", "svd-xt": "svd", "animatediff": "animatediff", "animatediff-sdxl": "animatediff-sdxl",
     "upscaler": "upscaler", "x4-upscaler": "upscaler",
+    "sd3": "sd3", "sd3-medium": "sd3", "sd3.0": "sd3", "sd35-large": "sd35-large", "sd3.5-large": "sd35-large",
+    "flux-dev": "flux-dev", "flux": "flux-dev", "flux.1-dev": "flux-dev", "flux1-dev": "flux-dev",
+    "pixart-sigma": "pixart-sigma", "pixart": "pixart-sigma", "pixart-sigma-xl": "pixart-sigma",
+    "dit-xl": "dit-xl", "dit": "dit-xl", "dit-xl-2-256": "dit-xl",
+    "wan2.1-1.3b": "wan2.1-1.3b", "wan-1.3b": "wan2.1-1.3b", "wan2.1-t2v-1.3b": "wan2.1-1.3b",
+    "wan2.1-14b": "wan2.1-14b", "wan-14b": "wan2.1-14b", "wan2.1-t2v-14b": "wan2.1-14b",
 }
 
 # VAE downsampling factor of a family's pipeline, where it is not 8.
@@ -170,15 +222,18 @@ def denoiser_config(name):
     if name in MOTION_UNETS:
         unet, adapter = MOTION_UNETS[name]
         return "UNetMotionModel", motion_unet_config(UNET_CONFIGS[unet], MOTION_ADAPTERS[adapter])
+    if name in TRANSFORMER_CONFIGS:
+        return TRANSFORMER_CLASSES[name], TRANSFORMER_CONFIGS[name]
     if name not in UNET_CONFIGS:
-        known = sorted([*UNET_CONFIGS, *MOTION_UNETS])
+        known = sorted([*UNET_CONFIGS, *MOTION_UNETS, *TRANSFORMER_CONFIGS])
         raise ValueError(f"unknown architecture {name!r}; choose one of {known}")
     return DENOISER_CLASSES.get(name, "UNet2DConditionModel"), UNET_CONFIGS[name]
 
 
 def build_unet(name, device="meta", dtype=torch.float16, seed=0):
     """The denoiser of a known family, of its own diffusers class (`UNet2DConditionModel`,
-    `UNetSpatioTemporalConditionModel` or `UNetMotionModel`); on `meta` it holds no weights,
+    `UNetSpatioTemporalConditionModel`, `UNetMotionModel` or a diffusion transformer's
+    class, TRANSFORMER_CLASSES); on `meta` it holds no weights,
     elsewhere random weights drawn after `torch.manual_seed(seed)`."""
     class_name, config = denoiser_config(name)
     if device != "meta":
