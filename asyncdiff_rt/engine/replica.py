@@ -1,12 +1,13 @@
 """A replica: one device's copy of the denoiser and the static inputs its forwards read.
 
-The copy keeps real weights only for the shared modules and the units the device
-computes; every other unit's weights become meta tensors (those units never run there:
-their substitutes return cached outputs). Weights already on the device are shared with
-the original, not copied. The call's tensor arguments are copied into static tensors
-at every call (a device copy costs microseconds; judging freshness by address or version
-lets stale data in, since allocators reuse addresses), into static tensors owned per input
-layout, so a captured graph reads them at fixed addresses.
+The copy keeps real weights only for the shared modules, the units the device computes
+and the parts of other units that code outside them reads; every other weight becomes a
+meta tensor (those units never run there: their substitutes return cached outputs).
+Weights already on the device are shared with the original, not copied. The call's
+tensor arguments the device is sent are copied at every call (a device copy costs
+microseconds; judging freshness by address or version lets stale data in, since
+allocators reuse addresses) into static tensors owned per input layout, so a captured
+graph reads them at fixed addresses.
 """
 import copy
 import inspect
@@ -99,7 +100,7 @@ class _StaticInputs:
 
 
 class Replica:
-    """`module` (a replica, or the original for whole forwards) computing `compute`."""
+    """`module` (one device's copy of the denoiser) computing the units `compute`."""
 
     def __init__(self, module, unit_paths, compute, device, skipped=frozenset()):
         """`skipped`: labels of call arguments this device is not sent (arguments.py)."""
