@@ -248,7 +248,8 @@ def _sd3(denoiser, batch, height, width, frames, text_len):
         latent = torch.empty(batch, config.in_channels, h, w, device=device, dtype=dtype)
         timestep = torch.full((batch,), 1000.0, device=device)
         kwargs = {
-            "encoder_hidden_states": torch.empty(batch, text_len, config.joint_attention_dim, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.empty(batch, text_len, config.joint_attention_dim, device=device,
+                                                 dtype=dtype),
             "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device=device, dtype=dtype),
         }
         return latent, timestep, (), kwargs
@@ -272,7 +273,8 @@ def _flux(denoiser, batch, height, width, frames, text_len):
         latent = torch.empty(batch, tokens, config.in_channels, device=device, dtype=dtype)
         timestep = torch.full((batch,), 1.0, device=device, dtype=dtype)  # t / 1000
         kwargs = {
-            "encoder_hidden_states": torch.empty(batch, text_len, config.joint_attention_dim, device=device, dtype=dtype),
+            "encoder_hidden_states": torch.empty(batch, text_len, config.joint_attention_dim, device=device,
+                                                 dtype=dtype),
             "pooled_projections": torch.empty(batch, config.pooled_projection_dim, device=device, dtype=dtype),
             "img_ids": torch.zeros(tokens, 3, device=device, dtype=dtype),
             "txt_ids": torch.zeros(text_len, 3, device=device, dtype=dtype),

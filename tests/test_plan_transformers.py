@@ -190,3 +190,15 @@ def test_bad_input_is_refused_in_one_line_with_status_2(capsys, argv, message):
     assert refused.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("asyncdiff-rt plan: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_transformer_pipeline_folder_plans_with_its_family_table(tmp_path, capsys):
+    """A pipeline folder whose model_index.json names a transformer: transformer/config.json
+    picks the class; a tiny SD3 gets the SD3 table scaled to its 4 blocks."""
+    _tiny_sd3().save_config(tmp_path / "transformer")
+    (tmp_path / "model_index.json").write_text(json.dumps({"transformer": ["diffusers", "SD3Transformer2DModel"]}))
+    assert main(["plan", "--model", str(tmp_path), "-n", "2", "--partition", "upstream"]) == 0
+    text = capsys.readouterr().out
+    assert "(SD3Transformer2DModel, family sd3)" in text and "partition=upstream:sd3" in text
+    assert "component 0:" in text and "pos_embed, transformer_blocks.0, transformer_blocks.1\n" in text
+    assert "transformer_blocks.2, transformer_blocks.3, norm_out, proj_out" in text
