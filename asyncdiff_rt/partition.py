@@ -58,7 +58,7 @@ def resolve_partition(graph, n_components, spec, denoiser=None):
         table = SPLITS.get(family, {}).get(n_components)
         if table is None:
             known = ", ".join(f"{f} (N={'/'.join(map(str, t))})" for f, t in SPLITS.items())
-            found = f"a {family} UNet" if family else "an architecture with no published split"
+            found = f"a {family} denoiser" if family else "an architecture with no published split"
             raise ValueError(
                 f'partition="upstream" has no table for {found} with n_components={n_components}; '
                 f'published splits exist for {known}. Use partition="auto" or an explicit list of lists'

@@ -174,7 +174,7 @@ def test_other_transformers_have_no_published_split(planned):
         assert recognise_family(denoiser) is None
     with pytest.raises(ValueError, match="no published split.*sd3 \\(N=2/3/4\\)"):
         resolve_partition(graph, 2, "upstream", denoiser)
-    with pytest.raises(ValueError, match="no table for a sd3 UNet with n_components=5"):
+    with pytest.raises(ValueError, match="no table for a sd3 denoiser with n_components=5"):
         resolve_partition(planned["sd3"][2], 5, "upstream", planned["sd3"][1])
 
 
