@@ -9,6 +9,8 @@ from dataclasses import dataclass
 
 from .upstream_splits import SPLITS, recognise_family
 
+TIE = 0.005  # largest loads within 0.5% of each other are a tie (FLOP counts are estimates anyway)
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -117,14 +119,23 @@ def _explicit(graph, lists, strategy):
 def _auto(graph, n):
     costs = [u.flops for u in graph.units]
     cuts = _contiguous_cuts(costs, n)
-    assign = [c for c in range(n) for _ in range(cuts[c], cuts[c + 1])]
-    assign = _improve(costs, assign, n, pinned=graph.paths.index(graph.output_unit))
+    contiguous = [c for c in range(n) for _ in range(cuts[c], cuts[c + 1])]
+    assign = _improve(costs, contiguous, n, pinned=graph.paths.index(graph.output_unit))
+    if _largest(costs, contiguous, n) <= _largest(costs, assign, n) * (1 + TIE):
+        assign = contiguous  # as good: a contiguous split sends fewer activations (a transformer's are all alike)
     # Number components by first unit, with the output unit's component last.
     out_comp = assign[graph.paths.index(graph.output_unit)]
     order = [c for c in dict.fromkeys(assign) if c != out_comp] + [out_comp]
     rank = {c: i for i, c in enumerate(order)}
     components = tuple(tuple(p for p, a in zip(graph.paths, assign) if rank[a] == c) for c in range(n))
     return Partition(components, "auto")
+
+
+def _largest(costs, assign, n):
+    loads = [0] * n
+    for cost, c in zip(costs, assign):
+        loads[c] += cost
+    return max(loads)
 
 
 def _contiguous_cuts(costs, n):

@@ -202,3 +202,14 @@ def test_transformer_pipeline_folder_plans_with_its_family_table(tmp_path, capsy
     assert "(SD3Transformer2DModel, family sd3)" in text and "partition=upstream:sd3" in text
     assert "component 0:" in text and "pos_embed, transformer_blocks.0, transformer_blocks.1\n" in text
     assert "transformer_blocks.2, transformer_blocks.3, norm_out, proj_out" in text
+
+
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_auto_keeps_a_block_stack_contiguous(planned, n):
+    """A transformer's activations are alike at every cut: when a non-contiguous split is
+    no better than within the tie (0.5% of the largest load), auto keeps the contiguous one."""
+    for name in ("flux-dev", "wan2.1-14b", "sd3"):
+        _, _, graph = planned[name]
+        parts = resolve_partition(graph, n, "auto")
+        order = [parts.owner[p] for p in graph.paths]
+        assert order == sorted(order), (name, n)
