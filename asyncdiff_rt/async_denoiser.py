@@ -31,6 +31,7 @@ import torch
 
 from .engine.call import DenoiserCall, as_model_timestep
 from .fingerprint import fingerprint, first_change
+from .profiling.nvtx import RANGES
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class AsyncDenoiser(torch.nn.Module):
         self.rebuilds = 0
         self.removed = False
         self._planned_from_call = False  # else from example inputs built for the model class
+        self._generation_range = None  # the NVTX range of the running generation
+        self.timeline = None  # profiling: what new executors record into
 
     def __getattr__(self, name):
         # Pipelines read the denoiser's config, dtype, device, add_embedding, ...
@@ -91,6 +94,12 @@ class AsyncDenoiser(torch.nn.Module):
         thread started it; the next call starts a new one."""
         with self._lock:
             self._owner, self._timesteps_seen, self._steps = None, None, None
+
+    def record(self, timeline):
+        """Every role's executor records into `timeline` (None: stop); later ones too."""
+        self.timeline = timeline
+        for role in self._roles:
+            role.executor.timeline = timeline
 
     def close(self):
         """Close every role's executor (role 0's last: the others share its resources)."""
@@ -123,6 +132,9 @@ class AsyncDenoiser(torch.nn.Module):
         role.last, self._k, self._role = k, k, index
         if k == self._num_steps - 1:
             self._owner = None  # the last step: the next call may start a generation of another thread
+            if index == len(self._roles) - 1:  # the last role of the last step
+                RANGES.end(self._generation_range)
+                self._generation_range = None
         return out
 
     def _locate(self, scheduler, call):
@@ -208,6 +220,8 @@ class AsyncDenoiser(torch.nn.Module):
         for role in self._roles:
             role.last = None
         self.executor.stats.generations += 1
+        RANGES.end(self._generation_range)  # an abandoned one ends here
+        self._generation_range = RANGES.start(f"generation {self.executor.stats.generations}")
 
     def _follow_changes(self, call):
         """Make the plan and executor at the first call when they wait for it; make them
@@ -232,6 +246,7 @@ class AsyncDenoiser(torch.nn.Module):
             self.close()
         self.plan, self.executor = self._rebuild(source)
         self._roles = [_Role(self.executor)]
+        self.executor.timeline = self.timeline
         self._planned_from_call = source is not None
         if old is not None:
             self.executor.stats.absorb(old.stats)

@@ -12,6 +12,7 @@ COMMANDS = {
     "plan": "print units per component, balance, ideal speedup and bytes moved",
     "eval": "quality table (adherence, Frechet, PSNR vs sequential) on the shipped tiny model",
     "bench": "measure the local executor against sequential diffusers",
+    "profile": "record a timeline of the local executor: Chrome trace, Gantt PNG, summary",
 }
 
 

@@ -16,6 +16,8 @@ import logging
 
 import torch
 
+from ..profiling.nvtx import RANGES
+
 log = logging.getLogger(__name__)
 
 
@@ -36,6 +38,11 @@ class GraphCache:
 
     def __len__(self):
         return sum(1 for g in self._graphs.values() if g is not _EAGER)
+
+    def captured(self, key):
+        """Whether `key`'s next run replays a graph."""
+        entry = self._graphs.get(key)
+        return entry is not None and entry is not _EAGER
 
     def run(self, key, pool, stream, fn, inputs=()):
         """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
@@ -66,7 +73,7 @@ class GraphCache:
         graph = torch.cuda.CUDAGraph()
         log.debug("capturing graph %s", key)
         stream.synchronize()  # the eager run was the warm-up; capture starts on an idle stream
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), RANGES.range(f"capture dev {key[0]} {key[1]} slot {key[2]}"):
             graph.capture_begin(pool=self._pools[pool])
             try:
                 outputs = fn()

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.utils._pytree as pytree
 
+from ..profiling.nvtx import RANGES
 from ..schedule import Emit, Forward, Send, SendLatent
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
 from .call import as_model_timestep
@@ -76,6 +77,7 @@ class LocalExecutor:
             raise
         self.stats = ExecutorStats(n)
         self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
+        self.timeline = None  # a profiling.timeline.Timeline records what is queued (handle.profile)
         self._shares = None  # the executor whose lanes and replicas a sibling uses (None: its own)
         self._init_role(graphs)
 
@@ -86,6 +88,7 @@ class LocalExecutor:
         other = LocalExecutor.__new__(LocalExecutor)
         other.plan, other.home, other.lanes, other.engine = self.plan, self.home, self.lanes, self.engine
         other.replicas, other.stats, other.delay_cycles = self.replicas, self.stats, self.delay_cycles
+        other.timeline = self.timeline
         other._devices, other._shares = self._devices, self
         other._init_role(self.graphs.enabled)
         return other
@@ -149,12 +152,16 @@ class LocalExecutor:
             self._generation_layout, self._tables = key, self._timestep_tables(call)
         self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
-        step.run(self._handlers, self.name)
-        if k + 1 == program.num_steps or step.phase == "warmup":
-            self._join_lanes()  # the caller (or the next step) may free what any lane still reads
-        if k + 1 < program.num_steps and self._buffers is not None:
-            self._issue_sends(k + 1)  # as soon as the producing forwards are queued
+        host_start = self._mark(None)
+        with RANGES.range(f"step {k}/{step.phase}"):
+            step.run(self._handlers, self.name)
+            if k + 1 == program.num_steps or step.phase == "warmup":
+                self._join_lanes()  # the caller (or the next step) may free what any lane still reads
+            if k + 1 < program.num_steps and self._buffers is not None:
+                self._issue_sends(k + 1)  # as soon as the producing forwards are queued
         self.stats.steps[step.phase] += 1
+        if self.timeline is not None:
+            self.timeline.host(k, step.phase, host_start, self._mark(None))
         self._previous = self._emitted
         return self._emitted
 
@@ -256,7 +263,12 @@ class LocalExecutor:
                           if isinstance(v, torch.Tensor)]  # outputs may hold None (SD3's last block)
                 pairs += leaves
                 received.setdefault(ins.dst, []).append(sum(src.nbytes for _, src in leaves))
-            self._copy(pairs, stream)
+            start = self._mark(stream)
+            with RANGES.range(f"step {k}/dev {lane}/send {len(pairs)} tensors"):
+                self._copy(pairs, stream)
+            if self.timeline is not None:
+                self.timeline.send(lane, k, sorted(received), sum(sum(v) for v in received.values()), start,
+                                   self._mark(stream))
             self._read[lane][slot].record(stream)
             for dst, sizes in received.items():
                 self._pending[dst].append(self._read[lane][slot])
@@ -340,8 +352,12 @@ class LocalExecutor:
         def delegate(path, args, kwargs):
             return self._delegate(path, args, kwargs, record)
 
-        with _on(self.lanes[host].stream):
+        start = self._mark(self.lanes[host].stream)
+        with _on(self.lanes[host].stream), RANGES.range(f"step {self._k}/dev {host}/warm-up forward"):
             out, own = self.replicas[host].forward(latent, {}, delegate=delegate)
+        if self.timeline is not None:
+            self.timeline.forward(host, self._k, f"warm-up T[{tau}] (glue, own units)", start,
+                                  self._mark(self.lanes[host].stream))
         self._finish_forward(host, slot)
         self._note_output(out, own)
         record.update((unit, (value, host, slot)) for unit, value in own.items())
@@ -358,9 +374,12 @@ class LocalExecutor:
         there.record(src.stream)
         there.wait(dst.stream)
         self._delay(dst.stream)
-        with _on(dst.stream):
+        start = self._mark(dst.stream)
+        with _on(dst.stream), RANGES.range(f"step {self._k}/dev {owner}/{path}"):
             inputs = _moved((args, kwargs), dst.device)
             out = self.replicas[owner].module.get_submodule(path)(*inputs[0], **inputs[1])
+        if self.timeline is not None:
+            self.timeline.forward(owner, self._k, f"warm-up {path}", start, self._mark(dst.stream))
         slot = self._slot(owner)
         self._finish_forward(owner, slot)  # sends of this output wait for it
         back.record(dst.stream)
@@ -387,13 +406,18 @@ class LocalExecutor:
         def forward():
             return replica.forward(latent, cache, compute)
 
+        start = self._mark(stream)
         if self._layout is None:
-            with _on(stream):
+            with _on(stream), RANGES.range(f"step {self._k}/dev {lane}/forward (eager)"):
                 out, record = forward()
         else:
             key = (lane, phase, slot, self._layout, self._generation_layout)
             inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
-            out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
+            how = "replay" if self.graphs.captured(key) else "eager"
+            with RANGES.range(f"step {self._k}/dev {lane}/forward ({how})"):
+                out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
+        if self.timeline is not None:
+            self.timeline.forward(lane, self._k, f"{phase} T[{tau}]", start, self._mark(stream))
         self._finish_forward(lane, slot)
         self._rounds[lane] += 1
         if commit:
@@ -439,6 +463,10 @@ class LocalExecutor:
                 fence.wait(stream)
 
     def _emit(self, ins):
+        with RANGES.range(f"step {self._k}/emit ({ins.source})"):
+            self._emit_now(ins)
+
+    def _emit_now(self, ins):
         stream = self._pipeline_stream()
         if ins.source == "previous":
             self._emitted = self._previous
@@ -462,6 +490,10 @@ class LocalExecutor:
         """A copy of a (static) output on the pipeline's device, queued on its stream."""
         return pytree.tree_map(
             lambda t: t.to(self.home, non_blocking=True, copy=True) if isinstance(t, torch.Tensor) else t, out)
+
+    def _mark(self, stream):
+        """A timeline mark on `stream` (None: the host); None when no timeline records."""
+        return self.timeline.mark(stream) if self.timeline is not None else None
 
     def _delay(self, stream):
         if self.delay_cycles and stream is not None:

@@ -7,6 +7,7 @@ program that forgets a transfer computes with stale data and the tests see it.
 import torch
 import torch.utils._pytree as pytree
 
+from ..profiling.nvtx import RANGES
 from ..schedule import Emit, Forward, Send, SendLatent
 from .stats import ExecutorStats
 from .substitution import UnitSwitch
@@ -43,7 +44,8 @@ class ReferenceExecutor:
         step = self._program.steps[k]
         self._k, self._call, self._outputs, self._emitted = k, call, {}, None
         self._latents[self._program.host] = call.latent
-        step.run(self._handlers, self.name)
+        with RANGES.range(f"step {k}/{step.phase} (reference)"):
+            step.run(self._handlers, self.name)
         self.stats.steps[step.phase] += 1
         self._previous = self._emitted
         return self._emitted

@@ -1,6 +1,7 @@
 """`parallelize(pipe, ...)`: swap a diffusers pipeline's denoiser (`pipe.unet` or
 `pipe.transformer`) for an AsyncDenoiser."""
 import logging
+from contextlib import contextmanager
 
 import torch
 
@@ -47,6 +48,24 @@ class AsyncDiffHandle:
     def reset(self):
         """Abandon a generation that was interrupted (the next call starts a new one)."""
         self._wrapper.reset()
+
+    @contextmanager
+    def profile(self, folder=None, stem="timeline"):
+        """Record what the local executor queues while inside (forwards per lane, sends per
+        copy stream, host time per step); at exit the timeline is resolved and, with
+        `folder`, written there as a Chrome trace, a Gantt PNG and a summary. Yields the
+        `Timeline` (its `summary()` after exit)."""
+        from ..profiling.timeline import Timeline
+
+        timeline = Timeline()
+        self._wrapper.record(timeline)
+        try:
+            yield timeline
+        finally:
+            self._wrapper.record(None)
+            timeline.resolve()
+            if folder is not None:
+                timeline.write(folder, stem)
 
     def remove(self):
         """Put the original UNet back; the pipeline is then exactly as before. Pipelines
