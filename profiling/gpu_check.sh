@@ -91,6 +91,8 @@ step pytest_gpu_sanitizer 90 env TORCH_CUDA_SANITIZER=1 "$PY" -m pytest -m gpu -
 # budget are marked skipped, and it rewrites its table after every row.
 step bench_transfer 35 "$PY" profiling/bench_transfer.py --out "$RESULTS"
 step bench_kernels 70 "$PY" profiling/bench_kernels.py --models sd15 --out "$RESULTS"
+# SD 1.5 at 512 on two virtual devices, recorded: Chrome trace, Gantt PNG, summary.
+step profile 60 "$PY" -m asyncdiff_rt.cli profile -n 2 --out "$RESULTS/profile"
 left=$((BUDGET - SECONDS - 10))
 step asyncdiff_bench "$left" "$PY" -m asyncdiff_rt.cli bench --out "$RESULTS" --repeats 2 \
   --budget-s $((left > 70 ? left - 45 : 25))

@@ -65,8 +65,9 @@ def _pipeline(quick):
         return tiny_sd_pipeline("sd15"), 16
     from ..models.configs import build_unet
 
-    pipe = tiny_sd_pipeline("sd15")  # text encoder, tokenizer, VAE: tiny; the UNet is SD 1.5's
+    pipe = tiny_sd_pipeline("sd15")  # text encoder, tokenizer, VAE: tiny (only latents come out)
     pipe.unet = build_unet("sd15", device="cuda", dtype=torch.float16).eval()
+    pipe.vae_scale_factor = 8  # SD's: 512 px are 64x64 latents
     pipe.to("cuda")
     return pipe, 512
 
