@@ -4,8 +4,6 @@ x4 upscaler: configs, example inputs, family recognition, refusals, a light `--h
 Tracing costs seconds per model, so each model is traced once: through the command
 (`planned`), whose traced graphs the table tests reuse.
 """
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -13,7 +11,6 @@ import sys
 import pytest
 import torch
 
-import asyncdiff_rt.plan as plan_module
 from asyncdiff_rt.cli import main
 from asyncdiff_rt.commands.plan import load_meta_denoiser
 from asyncdiff_rt.example_inputs import example_inputs
@@ -21,6 +18,7 @@ from asyncdiff_rt.models.configs import MOTION_ADAPTERS, UNET_CONFIGS, build_une
 from asyncdiff_rt.partition import resolve_partition
 from asyncdiff_rt.trace import unet_inputs
 from asyncdiff_rt.upstream_splits import SPLITS, recognise_family
+from plan_runs import plan_and_keep
 
 NEW = ("svd", "animatediff", "upscaler")
 # Small sizes: tracing cost follows the number of ops, not their size.
@@ -53,20 +51,7 @@ def planned(tmp_path_factory):
     runs["tiny-animatediff"] = ["--model", _save(tmp_path_factory.mktemp("ad"), "tiny-animatediff", pipeline=True),
                                 "--frames", "2"]
     runs["tiny-upscaler"] = ["--model", _save(tmp_path_factory.mktemp("x4"), "tiny-upscaler")]
-    real, seen, out = plan_module.find_units, [], {}
-
-    def recording(denoiser, make_inputs):
-        seen.append((denoiser, real(denoiser, make_inputs)))
-        return seen[-1][1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plan_module, "find_units", recording)
-        for key, argv in runs.items():
-            text = io.StringIO()
-            with contextlib.redirect_stdout(text):
-                assert main(["plan", *argv, "-n", "3"]) == 0
-            out[key] = (text.getvalue(), *seen.pop())
-    return out
+    return plan_and_keep({key: [*argv, "-n", "3"] for key, argv in runs.items()})
 
 
 @pytest.mark.parametrize("size", ["full", "tiny"])

@@ -6,22 +6,20 @@ Each model is traced once, through the command (`planned`): all at a small image
 (tracing costs follow the number of ops, not their size) except FLUX.1-dev, planned at
 its real 1024x1024 (the one full-size trace here).
 """
-import contextlib
 import inspect
-import io
 import json
 
 import diffusers
 import pytest
 import torch
 
-import asyncdiff_rt.plan as plan_module
 from asyncdiff_rt.cli import main
 from asyncdiff_rt.example_inputs import example_inputs, wan_latent_frames
 from asyncdiff_rt.models.configs import MODEL_ALIASES, TRANSFORMER_CLASSES, TRANSFORMER_CONFIGS, build_unet
 from asyncdiff_rt.partition import resolve_partition
 from asyncdiff_rt.units import find_units
 from asyncdiff_rt.upstream_splits import SPLITS, recognise_family, sd3_split
+from plan_runs import plan_and_keep
 
 NAMES = tuple(TRANSFORMER_CONFIGS)
 SMALL = {
@@ -52,21 +50,8 @@ def _tiny_sd3():
 def planned():
     """{name: (printed text, denoiser, UnitGraph)}, each planned once with N=3: FLUX as
     text (the figures test reads it), the others as JSON."""
-    real, seen, out = plan_module.find_units, [], {}
-
-    def recording(denoiser, make_inputs):
-        seen.append((denoiser, real(denoiser, make_inputs)))
-        return seen[-1][1]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plan_module, "find_units", recording)
-        for name, args in SMALL.items():
-            text = io.StringIO()
-            json_flag = [] if name == "flux-dev" else ["--json"]
-            with contextlib.redirect_stdout(text):
-                assert main(["plan", "--model", name, *args, "-n", "3", *json_flag]) == 0
-            out[name] = (text.getvalue(), *seen.pop())
-    return out
+    return plan_and_keep({name: ["--model", name, *args, "-n", "3", *([] if name == "flux-dev" else ["--json"])]
+                          for name, args in SMALL.items()})
 
 
 @pytest.mark.parametrize("name", NAMES)

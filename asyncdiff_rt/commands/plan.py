@@ -13,17 +13,11 @@ import json
 from pathlib import Path
 
 from ..cli import Refusal
+from ..example_inputs import KNOWN_CLASSES, TRANSFORMER_CLASSES, VIDEO_CLASSES
 
 _DTYPES = ("bf16", "fp16", "fp32")
 NAMED = ("sd15", "sd21", "sdxl", "svd", "animatediff", "animatediff-sdxl", "upscaler", "sd3", "sd35-large",
          "flux-dev", "pixart-sigma", "dit-xl", "wan2.1-1.3b", "wan2.1-14b")
-UNET_CLASSES = ("UNet2DConditionModel", "UNetSpatioTemporalConditionModel", "UNetMotionModel",
-                "UNet3DConditionModel")
-TRANSFORMER_CLASSES = ("SD3Transformer2DModel", "FluxTransformer2DModel", "PixArtTransformer2DModel",
-                       "DiTTransformer2DModel", "WanTransformer3DModel")
-FOLDER_CLASSES = UNET_CLASSES + TRANSFORMER_CLASSES
-VIDEO_CLASSES = ("UNetSpatioTemporalConditionModel", "UNetMotionModel", "UNet3DConditionModel",
-                 "WanTransformer3DModel")
 DEFAULT_PIXELS = {  # (height, width) a pipeline generates where the denoiser's sample_size does not say
     "UNetSpatioTemporalConditionModel": (576, 1024),  # StableVideoDiffusionPipeline
     "FluxTransformer2DModel": (1024, 1024),  # FluxPipeline (no sample_size in the config)
@@ -101,9 +95,9 @@ def locate(model):
         entry = _read_json(index_path).get(part)
         class_name = entry[-1] if isinstance(entry, (list, tuple)) and entry else None
     class_name = class_name or "UNet2DConditionModel"
-    if class_name not in FOLDER_CLASSES:
+    if class_name not in KNOWN_CLASSES:
         raise Refusal(f"{config_path} describes {class_name}, not a denoiser plan knows "
-                      f"({', '.join(FOLDER_CLASSES)})")
+                      f"({', '.join(KNOWN_CLASSES)})")
     vae_config = folder / "vae" / "config.json"
     factor = None
     if vae_config.is_file():
