@@ -5,6 +5,7 @@ one mechanism (engine/call.py); every other stage is the same for UNets and tran
 A class not listed is read by parameter name: the latent is `sample`, `hidden_states` or
 `x`, the timestep `timestep`, `timesteps` or `t`; failing those, the first two parameters.
 """
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -29,10 +30,15 @@ _DIVISORS = {
 
 
 def adapter_for(denoiser):
-    names = list(inspect.signature(denoiser.forward).parameters)
+    return _adapter(type(denoiser))
+
+
+@functools.lru_cache(maxsize=None)  # once per class: it is asked at every denoiser call
+def _adapter(cls):
+    names = list(inspect.signature(cls.forward).parameters)[1:]  # without self
     if len(names) < 2:
-        raise TypeError(f"{type(denoiser).__name__}.forward must take a latent and a timestep")
+        raise TypeError(f"{cls.__name__}.forward must take a latent and a timestep")
     latent = next((n for n in _LATENT_NAMES if n in names), names[0])
     timestep = next((n for n in _TIMESTEP_NAMES if n in names), next(n for n in names if n != latent))
-    divisor = next((_DIVISORS[c.__name__] for c in type(denoiser).__mro__ if c.__name__ in _DIVISORS), 1.0)
+    divisor = next((_DIVISORS[c.__name__] for c in cls.__mro__ if c.__name__ in _DIVISORS), 1.0)
     return Adapter(latent, timestep, divisor)
