@@ -13,6 +13,7 @@ COMMANDS = {
     "eval": "quality table (adherence, Frechet, PSNR vs sequential) on the shipped tiny model",
     "bench": "measure the local executor against sequential diffusers",
     "profile": "record a timeline of the local executor: Chrome trace, Gantt PNG, summary",
+    "project": "project latency on D GPUs from measured forward times and a link model",
 }
 
 

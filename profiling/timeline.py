@@ -108,6 +108,11 @@ class Timeline:
             if s.track.startswith("dev") and "copy" not in s.track and s.end >= last.get(s.step, (None, -1.0))[1]:
                 last[s.step] = (s.track, s.end)
         host = sorted(s.end - s.start for s in self.spans if s.track == "host")
+        forwards = {}
+        for s in self.spans:
+            if s.track.startswith("dev") and "copy" not in s.track and not s.name.startswith("warm-up"):
+                forwards.setdefault(int(s.track.split()[1]), []).append(s.end - s.start)
+        warmups = sorted(s.end - s.start for s in self.spans if s.name.startswith("warm-up T["))
         critical = {}
         for track, _ in last.values():
             critical[track] = critical.get(track, 0) + 1
@@ -119,6 +124,9 @@ class Timeline:
             "host_ms_per_step": {"median": host[len(host) // 2] / 1e3 if host else 0.0,
                                  "max": host[-1] / 1e3 if host else 0.0},
             "steps_ended_last_by": critical,
+            # what `asyncdiff-rt project` takes: median asynchronous forward per device, warm-up forward
+            "forward_ms_per_device": [_median(forwards[d]) / 1e3 for d in sorted(forwards)],
+            "warmup_ms": _median(warmups) / 1e3 if warmups else None,
         }
 
     def write(self, folder, stem="timeline"):
@@ -154,6 +162,11 @@ def gantt(spans, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _median(values):
+    values = sorted(values)
+    return values[len(values) // 2]
 
 
 def _track_order(track):
