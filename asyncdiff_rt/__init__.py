@@ -7,12 +7,14 @@ import importlib
 import importlib.util
 
 __version__ = "0.1.0"
-__all__ = ["parallelize", "AsyncDiffHandle", "Plan", "make_plan", "backend_info", "__version__"]
+__all__ = ["parallelize", "parallelize_denoiser", "AsyncDiffHandle", "Plan", "make_plan", "backend_info",
+           "__version__"]
 
 _LAZY = {
     "backend_info": ".backend",
     "AsyncDiffHandle": ".integrations.diffusers",
     "parallelize": ".integrations.diffusers",
+    "parallelize_denoiser": ".integrations.steps",
     "Plan": ".plan",
     "make_plan": ".plan",
 }
