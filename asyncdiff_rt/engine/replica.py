@@ -62,9 +62,7 @@ def call_parts(call):
 def call_layout(call):
     """A hashable description of everything but the latent's values and the timestep's
     value (shapes, dtypes, devices, non-tensor arguments); None if it cannot key a graph."""
-    signature, latent_name, timestep_name, arguments = call_parts(call)
-    others = {k: v for k, v in arguments.items() if k not in (latent_name, timestep_name)}
-    leaves, spec = pytree.tree_flatten(others)
+    leaves, spec = pytree.tree_flatten(call.others())
     timestep = call.timestep
     if not isinstance(timestep, torch.Tensor):
         return None
