@@ -1,7 +1,8 @@
 """Partition: which component owns each unit.
 
-Strategies: "auto" (minimise the largest component's FLOPs), "upstream" (the reference
-code's table for a recognised family) or an explicit list of N lists of module paths.
+Strategies: "auto" (minimise the largest component's FLOPs), "measured" (the same with
+measured unit times: unit_times.py), "upstream" (the reference code's table for a
+recognised family) or an explicit list of N lists of module paths.
 Component N-1 always owns the unit that produces the denoiser's output.
 """
 import re
@@ -45,8 +46,9 @@ class Partition:
         return names
 
 
-def resolve_partition(graph, n_components, spec, denoiser=None):
-    """Turn `spec` into a Partition of `graph`'s units, or raise naming the fix."""
+def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
+    """Turn `spec` into a Partition of `graph`'s units, or raise naming the fix.
+    `costs`: per unit of `graph.paths`, what "measured" balances (seconds)."""
     count = len(graph.units)
     if isinstance(n_components, bool) or not isinstance(n_components, int) or not 1 <= n_components <= count:
         raise ValueError(
@@ -54,7 +56,11 @@ def resolve_partition(graph, n_components, spec, denoiser=None):
             f"so choose an integer from 1 to {count}"
         )
     if spec == "auto":
-        return _auto(graph, n_components)
+        return _auto(graph, n_components, [u.flops for u in graph.units], "auto")
+    if spec == "measured":
+        if costs is None:
+            raise ValueError('partition="measured" needs the measured unit times (make_plan measures them)')
+        return _auto(graph, n_components, list(costs), "measured")
     if spec == "upstream":
         family = recognise_family(denoiser) if denoiser is not None else None
         table = SPLITS.get(family, {}).get(n_components)
@@ -73,7 +79,8 @@ def resolve_partition(graph, n_components, spec, denoiser=None):
                 "give one list of module paths per component"
             )
         return _explicit(graph, spec, "explicit")
-    raise ValueError(f'partition={spec!r} is unknown; use "auto", "upstream" or a list of N lists of module paths')
+    raise ValueError(f'partition={spec!r} is unknown; use "auto", "measured", "upstream" or a list of N lists '
+                     "of module paths")
 
 
 def _normalise(path):
@@ -116,8 +123,7 @@ def _explicit(graph, lists, strategy):
     return Partition(components, strategy)
 
 
-def _auto(graph, n):
-    costs = [u.flops for u in graph.units]
+def _auto(graph, n, costs, strategy):
     cuts = _contiguous_cuts(costs, n)
     contiguous = [c for c in range(n) for _ in range(cuts[c], cuts[c + 1])]
     assign = _improve(costs, contiguous, n, pinned=graph.paths.index(graph.output_unit))
@@ -128,7 +134,7 @@ def _auto(graph, n):
     order = [c for c in dict.fromkeys(assign) if c != out_comp] + [out_comp]
     rank = {c: i for i, c in enumerate(order)}
     components = tuple(tuple(p for p, a in zip(graph.paths, assign) if rank[a] == c) for c in range(n))
-    return Partition(components, "auto")
+    return Partition(components, strategy)
 
 
 def _largest(costs, assign, n):

@@ -106,11 +106,19 @@ class Plan:
 
 
 def make_plan(denoiser, make_inputs, n_components=2, stride=1, warmup=1, time_shift=False,
-              partition="auto", stride_reuse="component", prune=True):
-    """Validate the settings, find the units and build the plan; no device work."""
+              partition="auto", stride_reuse="component", prune=True, agree=None):
+    """Validate the settings, find the units and build the plan; no device work, except
+    that partition="measured" times the units (`agree(times)`: the times every process
+    of a distributed run uses, so that all make the same split)."""
     validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
     graph = traced_units(denoiser, make_inputs)
-    parts = resolve_partition(graph, n_components, partition, denoiser)
+    costs = None
+    if partition == "measured":
+        from .unit_times import measure_unit_times
+
+        costs = measure_unit_times(denoiser, make_inputs, graph.paths)
+        costs = agree(costs) if agree is not None else costs
+    parts = resolve_partition(graph, n_components, partition, denoiser, costs)
     transfers = transfer_plan(graph, parts, stride, prune=prune)
     return Plan(graph, parts, stride, warmup, time_shift, stride_reuse, transfers)
 

@@ -68,12 +68,13 @@ def _check_reference_devices(denoiser, devices, requested):
 
 def _check_partition(denoiser, partition, n_components):
     if isinstance(partition, str):
-        if partition not in ("auto", "upstream"):
-            raise ValueError(f'partition={partition!r} is unknown; use "auto", "upstream" '
+        if partition not in ("auto", "measured", "upstream"):
+            raise ValueError(f'partition={partition!r} is unknown; use "auto", "measured", "upstream" '
                              "or a list of N lists of module paths")
         return
     if not isinstance(partition, (list, tuple)):
-        raise TypeError(f'partition={partition!r}: use "auto", "upstream" or a list of N lists of module paths')
+        raise TypeError(f'partition={partition!r}: use "auto", "measured", "upstream" or a list of N lists of '
+                        "module paths")
     if len(partition) != n_components:
         raise ValueError(
             f"the explicit partition has {len(partition)} lists but n_components={n_components}; "
@@ -109,3 +110,20 @@ def _has_module(denoiser, path):
     except AttributeError:
         return False
     return True
+
+
+def check_distributed(executor, process_group, timeout):
+    """The distributed executor's own settings: a process group only for it, and a
+    positive timeout in seconds (how long a rank waits for a peer before raising)."""
+    if process_group is not None and executor != "distributed":
+        raise ValueError(f"process_group= is for executor='distributed' (got executor={executor!r}); "
+                         "pass executor='distributed' or drop process_group")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
+        raise ValueError(f"timeout={timeout!r}: give the seconds a rank waits for a peer before raising, "
+                         "a number > 0 (default 30)")
+    if process_group is not None:
+        import torch.distributed as dist
+
+        if not isinstance(process_group, dist.ProcessGroup):
+            raise TypeError(f"process_group={process_group!r}: give a torch.distributed ProcessGroup "
+                            "(e.g. from dist.new_group(ranks)) or None")

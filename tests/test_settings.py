@@ -29,7 +29,7 @@ def planned(monkeypatch):
     checks; reaching it raises Traced, and `planned` holds the arguments it got."""
     calls = []
 
-    def probe(*args):
+    def probe(*args, **kwargs):
         calls.append(args)
         raise Traced
 
@@ -65,7 +65,11 @@ GOOD = [["conv_in", "down_blocks", "mid_block"], ["up_blocks", "conv_norm_out", 
     (dict(executor="auto", devices=["cuda:0", "cpu"]), ValueError,
      "executor='auto' picks 'reference' .* ignore cuda:0 .*use executor='local'"),
     (dict(partition="balanced"), ValueError, "partition='balanced' is unknown"),
-    (dict(partition=None), TypeError, 'partition=None: use "auto", "upstream" or a list'),
+    (dict(partition=None), TypeError, 'partition=None: use "auto", "measured", "upstream" or a list'),
+    (dict(process_group=object()), ValueError, "process_group= is for executor='distributed'"),
+    (dict(executor="distributed", process_group="world"), TypeError, "process_group='world': give a "),
+    (dict(executor="distributed", timeout=0), ValueError, "timeout=0: give the seconds"),
+    (dict(executor="distributed", timeout="30"), ValueError, "timeout='30'"),
     (dict(partition=GOOD[:1]), ValueError, "has 1 lists but n_components=2"),
     (dict(partition=[GOOD[0], "up_blocks"]), TypeError, "component 1 of the partition is 'up_blocks'"),
     (dict(partition=[GOOD[0], [1]]), TypeError, "partition entry 1 .*as strings"),

@@ -83,7 +83,7 @@ def test_auto_goes_non_contiguous_when_it_helps():
     costs = [5, 5, 1, 1]
     units = tuple(Unit(f"u{i}", i, (), c) for i, c in enumerate(costs))
     graph = UnitGraph(units, {u.path: frozenset() for u in units}, frozenset(["u3"]), 0, sum(costs))
-    part = _auto(graph, 2)
+    part = _auto(graph, 2, [u.flops for u in graph.units], "auto")
     assert max(part.loads(graph)) == 6
     assert part.owner["u3"] == 1
 

@@ -42,6 +42,11 @@ def register(subparsers):
     p.add_argument("--no-sm", action="store_true", help="skip the SM-partition rows")
     p.add_argument("--budget-s", type=float, default=None, help="stop adding rows after this many seconds")
     p.add_argument("--out", default=None, help="folder for bench_local_<device>.md and .json")
+    p.add_argument("--distributed", action="store_true",
+                   help="under torchrun: the distributed executor against one process (bench_distributed.py)")
+    p.add_argument("--threads", type=int, default=1, help="--distributed on the CPU: intra-op threads per process")
+    p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
+                   help="--distributed: prompts per generation, a comma-separated list (default 1,4)")
     p.set_defaults(func=run)
 
 
@@ -174,6 +179,10 @@ def table(rows, card, settings):
 
 
 def run(args):
+    if args.distributed:
+        from .bench_distributed import run as run_distributed
+
+        return run_distributed(args)
     device = torch.device(args.device or ("cuda:0" if torch.cuda.is_available() else "cpu"))
     quick = args.quick or device.type != "cuda"
     steps = args.steps or (6 if quick else 50)

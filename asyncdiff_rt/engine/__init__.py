@@ -3,7 +3,7 @@ from .devices import lists_gpus
 from .local import LocalExecutor
 from .reference import ReferenceExecutor
 
-EXECUTORS = {"reference": ReferenceExecutor, "local": LocalExecutor}
+EXECUTORS = {"reference": ReferenceExecutor, "local": LocalExecutor, "distributed": None}  # imported when used
 
 
 def resolve_executor(name, devices=None):
@@ -19,8 +19,13 @@ def resolve_executor(name, devices=None):
 def make_executor(name, denoiser, plan, devices=None, **options):
     """`name` is "auto" or a key of EXECUTORS. `devices`: the plan's devices (None: the
     denoiser's own); the reference executor runs on the denoiser's device whatever they
-    are. `options` go to the executor (local: graphs=True, backend=None)."""
+    are. `options` go to the executor (local: graphs=True, backend=None; distributed:
+    group, timeout_s=30.0, graphs=True)."""
     name = resolve_executor(name, devices)
     if name == "reference":
         return ReferenceExecutor(denoiser, plan)
+    if name == "distributed":
+        from .distributed import DistributedExecutor
+
+        return DistributedExecutor(denoiser, plan, devices=devices, **options)
     return EXECUTORS[name](denoiser, plan, devices=devices, **options)

@@ -104,6 +104,15 @@ def as_model_timestep(value, original, divisor=1.0):
     return type(original)(value / divisor if divisor != 1.0 else value)
 
 
+def timestep_table(timesteps, call, device):
+    """A generation's timesteps as the model receives them from `call`'s pipeline (its
+    type, dtype and divisor), on `device`, indexed by the program's tau."""
+    divisor = call.adapter.timestep_divisor
+    if isinstance(call.timestep, torch.Tensor):
+        return as_model_timestep(torch.as_tensor(timesteps), call.timestep, divisor).to(device)
+    return [as_model_timestep(v, call.timestep, divisor) for v in timesteps]
+
+
 def _like(original, value, divisor=1.0):
     value = as_model_timestep(value, original, divisor)
     return value.expand(original.shape) if isinstance(original, torch.Tensor) else value

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from ..profiling.nvtx import RANGES
 from ..schedule import Emit, Forward, Send, SendLatent
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
-from .call import as_model_timestep
+from .call import timestep_table
 from .devices import count_devices, open_devices
 from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
@@ -149,7 +149,8 @@ class LocalExecutor:
         key = self._layout if self._layout is not None else ("eager", call.shapes())
         if self._generation_layout is None:
             self._bind_home(call.latent.device)
-            self._generation_layout, self._tables = key, self._timestep_tables(call)
+            self._generation_layout, self._tables = key, [
+                timestep_table(self._timesteps, call, lane.device) for lane in self.lanes]
         self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
         host_start = self._mark(None)
@@ -224,15 +225,6 @@ class LocalExecutor:
         self.home = self._home_bound = device
         self._input_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self._ready, self._inputs = self.engine.event(device), self.engine.event(device)
-
-    def _timestep_tables(self, call):
-        """The generation's timesteps as the model receives them, on every lane."""
-        divisor = call.adapter.timestep_divisor
-        if isinstance(call.timestep, torch.Tensor):
-            steps = as_model_timestep(torch.as_tensor(self._timesteps), call.timestep, divisor)
-            return [steps.to(lane.device) for lane in self.lanes]
-        values = [as_model_timestep(v, call.timestep, divisor) for v in self._timesteps]
-        return [values] * len(self.lanes)
 
     def _pipeline_stream(self):
         return torch.cuda.current_stream(self.home) if self.home.type == "cuda" else None

@@ -151,15 +151,16 @@ class Replica:
         """The tensors the last `load` filled (what a graph of its layout reads)."""
         return self._loaded.tensors()
 
-    def forward(self, latent, cache, compute=None, delegate=None):
+    def forward(self, latent, cache, compute=None, delegate=None, record=None):
         """(output, {unit: output}) of a forward on the loaded inputs and `latent`, units
         outside `compute` (default: this replica's) returning `cache[unit]`, or
-        `delegate(path, args, kwargs)` when given."""
+        `delegate(path, args, kwargs)` when given. `record`: the dict the computed units'
+        outputs go into, each as soon as it is made (default: a new one)."""
         signature, latent_name, bound = self._bound
         arguments = dict(bound)
         arguments[latent_name] = latent
         call = inspect.BoundArguments(signature, arguments)
-        record = {}
+        record = {} if record is None else record
         with self.switch.forward_with(self.compute if compute is None else compute, cache, record, delegate):
             out = self.module(*call.args, **call.kwargs)
         return out, record

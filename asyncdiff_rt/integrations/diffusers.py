@@ -8,7 +8,8 @@ import torch
 from ..async_denoiser import AsyncDenoiser
 from ..engine import make_executor
 from ..plan import make_plan
-from ..settings import check_settings
+from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
+from ..settings import check_distributed, check_settings
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -43,6 +44,8 @@ class AsyncDiffHandle:
         out = {"executor": executor.name, **executor.stats.as_dict(), "rebuilds": self._wrapper.rebuilds}
         if hasattr(executor, "weights_per_device"):
             out["weight_bytes_per_device"] = executor.weights_per_device()
+        if hasattr(executor, "describe"):
+            out.update(executor.describe())
         return out
 
     def reset(self):
@@ -86,7 +89,8 @@ class AsyncDiffHandle:
 
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
-                stride_reuse="component", devices=None, executor="auto", graphs=True):
+                stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
+                timeout=30.0):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -98,17 +102,28 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     "auto" runs `local` on GPU device lists and `reference` otherwise. `graphs=False`
     makes the local executor run every forward eagerly (for debugging and profiling
     single kernels); the reference executor always does.
+
+    `executor="distributed"` runs one process per device (README, "Several processes"):
+    call parallelize on every rank with the same arguments; under torchrun it joins or
+    creates the default group, or it runs on the ranks of `process_group`. `timeout`:
+    seconds a rank waits for another before raising a message that names it.
     """
     attribute = _denoiser_attribute(pipe)
     unet = getattr(pipe, attribute)
     # Every setting is checked (and counts made Python ints) before the trace and any device work.
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
+    check_distributed(executor, process_group, timeout)
+    options, agree = ({"graphs": graphs} if executor == "local" else {}), None
+    if executor == "distributed":
+        group, _ = join_group(process_group, n_components + stride - 1, device_type(devices, unet), timeout)
+        options = {"group": group, "timeout_s": float(timeout), "graphs": graphs}
+        agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
     def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)
         inputs = call.example() if call is not None else _example_inputs(unet)
-        plan = make_plan(unet, inputs, n_components, stride, warmup, time_shift, partition, stride_reuse)
-        options = {"graphs": graphs} if executor == "local" else {}
+        plan = make_plan(unet, inputs, n_components, stride, warmup, time_shift, partition, stride_reuse,
+                         agree=agree)
         return plan, make_executor(executor, unet, plan, devices, **options)
 
     planned = (None, None)

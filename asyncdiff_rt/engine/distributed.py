@@ -1,0 +1,434 @@
+"""The distributed executor: one process per device of the program, on torch.distributed.
+
+Every rank runs the same pipeline call (SPMD): its own text encoder, scheduler and
+decoder, so every rank holds the same latent x_k at step k and no latent ever moves.
+Rank r is device r of the program and holds the weights of its own units plus the
+shared modules. Per step a rank receives the cached unit outputs the program sends it
+(one message per sending rank: wire.py), runs its forward, and posts the sends of the
+next step before it waits for the step's prediction, which the host sends to every
+rank (a few KB), so every rank returns the same prediction and the same images.
+
+A warm-up forward runs on every rank in lockstep: each runs the glue, computes its own
+units and sends their outputs to the others as they are made, so every rank sees every
+unit's output once (and sizes its buffers from them); each commit stays with its owner.
+
+Transports: NCCL between GPUs (every exchange is one batch of point-to-point
+operations), gloo on the CPU. On a GPU, forwards replay CUDA graphs per rank, on a
+stream of the rank's own. Failures (peers.py): a rank that raises, dies or hangs makes
+every other rank raise within the timeout, with a message naming it.
+"""
+import logging
+from collections import OrderedDict
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.utils._pytree as pytree
+
+from ..profiling.nvtx import RANGES
+from ..schedule import Emit, Forward, Send, SendLatent
+from . import wire
+from .call import timestep_table
+from .graphs import GraphCache
+from .peers import PeerFailure, Peers
+from .process_group import rank_device
+from .replica import Replica, call_layout, replicate, weight_bytes
+from .stats import ExecutorStats
+
+log = logging.getLogger(__name__)
+MAX_LAYOUTS = 3  # input layouts whose receive buffers and graphs are kept
+
+
+class _Wires:
+    """One input layout's messages: per (peer, units) a byte buffer, and the cache views
+    (received units, zeros for the rest) that this rank's forwards read."""
+
+    def __init__(self, skeletons, device):
+        self.skeletons = skeletons  # unit -> wire.Skeleton of its output
+        self.device = device
+        self.inbox, self.outbox = {}, {}  # (peer, units) -> (skeleton, buffer, views)
+        self.cache, self.full_cache = {}, {}
+
+    def message(self, box, peer, units):
+        key = (peer, units)
+        if key not in box:
+            skeleton = wire.describe({u: wire.zeros(self.skeletons[u], "meta") for u in units})
+            buffer = wire.empty_buffer(skeleton, self.device)
+            box[key] = (skeleton, buffer, wire.views(skeleton, buffer))
+        return box[key]
+
+
+class DistributedExecutor:
+    name = "distributed"
+
+    def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True):
+        self.plan = plan
+        self.peers = Peers(group, timeout_s)
+        self.rank, self.transport = self.peers.rank, self.peers.backend
+        if self.peers.size != plan.n_devices:
+            raise ValueError(f"the process group has {self.peers.size} ranks; this plan runs on {plan.n_devices}")
+        self.device = rank_device(devices, denoiser, self.rank)
+        if (self.device.type == "cuda") != (self.transport == "nccl"):
+            raise ValueError(f"rank {self.rank} runs on {self.device} but its process group uses {self.transport}; "
+                             "use NCCL for GPUs and gloo for the CPU")
+        self._check_same_plan()
+        self.peers.clear_failures()
+        paths, own = plan.graph.paths, plan.partition.components[min(self.rank, plan.n_components - 1)]
+        module = replicate(denoiser, [p for p in paths if p not in own], self.device, keep=plan.graph.read_outside)
+        self.replica = Replica(module, paths, own, self.device, plan.transfers.skipped_arguments(self.rank))
+        self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        self.stats = ExecutorStats(plan.n_devices)
+        self.timeline = None
+        self._shares = None
+        self._init_role(graphs and self._stream is not None)
+
+    def sibling(self):
+        """An executor for another call role: its own caches, graphs and generation state,
+        on this one's process group, replica and stream. Close it before this one."""
+        other = DistributedExecutor.__new__(DistributedExecutor)
+        for name in ("plan", "peers", "rank", "transport", "device", "replica", "_stream", "stats", "timeline"):
+            setattr(other, name, getattr(self, name))
+        other._shares = self
+        other._init_role(self.graphs.enabled)
+        return other
+
+    def _init_role(self, graphs):
+        self.graphs = GraphCache(enabled=graphs)
+        self._layouts = OrderedDict()  # (input layout, messages) -> _Wires, least recently used first
+        self._skeletons = {}  # input layout -> {unit: wire.Skeleton}: layouts of warm-up outputs already sent
+        self._handlers = {Send: self._receive, SendLatent: self._latent, Forward: self._forward, Emit: self._emit}
+        self._program = None
+
+    def describe(self):
+        """What handle.stats() adds for this executor."""
+        return {"rank": self.rank, "world": self.peers.size, "transport": self.transport, "device": str(self.device),
+                "weight_bytes_this_rank": weight_bytes(self.replica.module)}
+
+    def _check_same_plan(self):
+        """Every rank must run the same program on the same split: compare at setup."""
+        plan = self.plan
+        mine = (plan.n_components, plan.stride, plan.warmup, [list(c) for c in plan.partition.components])
+        everyone = [None] * self.peers.size
+        dist.all_gather_object(everyone, mine, group=self.peers.group)
+        for rank, theirs in enumerate(everyone):
+            if theirs != mine:
+                raise ValueError(f"rank {rank} planned differently from rank {self.rank} ({theirs[:3]} vs "
+                                 f"{mine[:3]}, or another split): pass the same model and settings on every rank")
+
+    # ---------------------------------------------------------------- generation
+    def start(self, program, timesteps):
+        self._program, self._timesteps = program, timesteps
+        self._committed, self._posted = {}, {}
+        self._wires = self._wires_key = self._out_skeleton = self._previous = None
+
+    def step(self, k, call):
+        if self._program is None:
+            raise RuntimeError("no generation is running (an earlier step failed); start a new one")
+        self.peers.step = k
+        try:
+            return self._step(k, call)
+        except PeerFailure:
+            self._program = None
+            raise
+        except BaseException as e:
+            self._program = None
+            self.peers.fail(e)  # the other ranks raise now instead of at the timeout
+            raise
+
+    def _step(self, k, call):
+        step = self._program.steps[k]
+        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
+        if k == 0:
+            self._begin(call)
+        with RANGES.range(f"step {k}/{step.phase} (rank {self.rank})"):
+            step.run(self._handlers, self.name)
+        self.stats.steps[step.phase] += 1
+        self._previous = self._emitted
+        return self._emitted
+
+    def _begin(self, call):
+        """First step of a program: the ranks agree on what they run, and the timesteps
+        are laid out for this rank's device."""
+        if call.latent.device.type != self.device.type:
+            raise ValueError(f"rank {self.rank}'s pipeline runs on {call.latent.device} but its device is "
+                             f"{self.device}; move each rank's pipeline to its device (pipe.to(...))")
+        program = self._program
+        shapes = [(shape, dtype) for shape, dtype, _ in call.shapes()]  # devices differ between ranks
+        digest = (program.num_steps, program.warmup, program.stride, [float(t) for t in self._timesteps], shapes)
+        self._agree(digest)
+        self._table = timestep_table(self._timesteps, call, self.device)
+        self._layout = call_layout(call)
+
+    def _agree(self, digest):
+        """The host compares every rank's generation with its own and tells each the verdict."""
+        host, peers, device = self._program.host, self.peers, self._wire_device()
+        what = f"comparing the generation's settings with rank {host}"
+        if self.rank != host:
+            peers.wait(peers.send_object(digest, host, what, device))
+            verdict = peers.recv_object(host, what, device)
+        else:
+            verdict = None
+            for rank in range(peers.size - 1):
+                theirs = peers.recv_object(rank, f"comparing the generation's settings of rank {rank}", device)
+                if theirs != digest and verdict is None:
+                    verdict = (f"rank {rank} runs a different generation than the host (rank {host}): steps, "
+                               f"warm-up, stride, timesteps or input shapes differ ({_difference(theirs, digest)}); "
+                               "every rank must call the pipeline with the same arguments")
+            for rank in range(peers.size - 1):
+                what = f"sending the verdict on the settings to rank {rank}"
+                peers.wait(peers.send_object(verdict, rank, what, device))
+        if verdict is not None:
+            raise ValueError(verdict)
+
+    def _wire_device(self):
+        return self.device if self.transport == "nccl" else torch.device("cpu")
+
+    # ---------------------------------------------------------------- instructions
+    def _latent(self, ins):
+        pass  # every rank's pipeline computed x_k itself
+
+    def _receive(self, ins):
+        """The first Send of a step: wait for what this rank receives in it."""
+        posted = self._posted.pop(self._k, None)
+        if posted is None:
+            return
+        pending, arrived = posted
+        self.peers.wait(pending)
+        for skeleton, buffer, views in arrived:
+            wire.refresh(views, skeleton, buffer)
+            self.stats.add_received(self.rank, buffer.numel())
+
+    def _post(self, k):
+        """Post the exchange of step k's Sends: pack this rank's commits for each
+        receiver, and receive into this layout's buffers (one message per peer)."""
+        sends = [i for i in self._program.steps[k].instructions if isinstance(i, Send) and i.src != i.dst]
+        if not sends or k in self._posted:
+            return
+        outgoing, incoming = {}, {}
+        for i in sends:
+            if i.src == self.rank:
+                outgoing.setdefault(i.dst, []).append(i.unit)
+            elif i.dst == self.rank:
+                incoming.setdefault(i.src, []).append(i.unit)
+        ops, arrived = [], []
+        for dst, units in outgoing.items():
+            skeleton, buffer, _ = self._wires.message(self._wires.outbox, dst, tuple(units))
+            wire.pack({u: self._committed[u] for u in units}, skeleton, buffer)
+            ops.append((dist.isend, buffer, dst, f"sending step {k}'s cached outputs to rank {dst}"))
+        for src, units in incoming.items():
+            skeleton, buffer, views = self._wires.message(self._wires.inbox, src, tuple(units))
+            ops.append((dist.irecv, buffer, src, f"receiving rank {src}'s cached outputs for step {k}"))
+            arrived.append((skeleton, buffer, views))
+        self._posted[k] = (self.peers.batch(ops), arrived)
+
+    def _forward(self, ins):
+        host = self._program.host
+        if ins.device is None:
+            self._outputs[None] = self._lockstep(ins.tau_index, ins.commit)
+            self.stats.forwards[-1] += self.rank == host  # one warm-up forward, counted once
+            return
+        if ins.device != self.rank:
+            return
+        phase = self._program.steps[self._k].phase
+        out, record = self._run(phase, ins.tau_index, self._wires.cache)
+        if ins.commit:
+            self._committed.update(record)
+        self._outputs[ins.device] = out
+        self.stats.forwards[self.rank] += 1
+
+    def _run(self, phase, tau, cache, compute=None):
+        """One forward of this rank's replica; its output and the outputs of its units."""
+        replica, stream = self.replica, self._stream
+        key = (phase, self._wires_key)
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+        with _on(stream):
+            statics = (id(self), self._layout) if self._layout is not None else None  # roles share the replica
+            replica.load(self._call, statics, tau, self._table)
+            if self._wires_key is None or not self.graphs.enabled:
+                with RANGES.range(f"step {self._k}/rank {self.rank}/forward (eager)"):
+                    out, record = replica.forward(self._call.latent, cache, compute)
+            else:
+                latent = self._wires.latent
+                latent.copy_(self._call.latent, non_blocking=True)
+                how = "replay" if self.graphs.captured(key) else "eager"
+                inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
+                with RANGES.range(f"step {self._k}/rank {self.rank}/forward ({how})"):
+                    out, record = self.graphs.run(key, "rank", stream, lambda: replica.forward(latent, cache, compute),
+                                                  inputs)
+                out, record = _copies(out), _copies(record)  # the next replay overwrites the graph's outputs
+        if stream is not None:
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+        return out, record
+
+    # ---------------------------------------------------------------- warm-up forward
+    def _lockstep(self, tau, commit):
+        """A warm-up forward, on every rank at once: each runs the glue and the shared
+        modules, computes the units it owns and sends each output to every other rank
+        as soon as it is made; the other units return what their owners sent. No unit's
+        inputs travel, and no rank waits for a reply."""
+        owner, sends = self.plan.transfers.owner, []
+        known = self._skeletons.setdefault(self._layout, {}) if self._layout is not None else {}
+        mine = {path for path, rank in owner.items() if rank == self.rank}
+        executor = self
+
+        class Sending(dict):  # the forward's record: written as each of this rank's units finishes
+            def __setitem__(self, path, out):
+                super().__setitem__(path, out)
+                sends.extend(executor._send_output(path, out, known))
+
+        received = {}
+
+        def receive(path, args, kwargs):
+            received[path] = self._receive_output(path, owner[path], known)
+            return received[path]
+
+        self.replica.load(self._call, None, tau, self._table, everything=True)
+        with RANGES.range(f"step {self._k}/rank {self.rank}/warm-up forward"):
+            out, record = self.replica.forward(self._call.latent, {}, compute=mine, delegate=receive,
+                                               record=Sending())
+        self.peers.wait(sends)
+        if commit:
+            self._committed.update(record)
+            self._set_wires({u: wire.describe(v) for u, v in {**received, **record}.items()})
+        self._out_skeleton = wire.describe(out)
+        return out
+
+    def _send_output(self, path, out, known):
+        """Post `path`'s output to every other rank (its layout first, unless this input
+        layout sent it before: every rank keeps the same record of that)."""
+        peers, device = self.peers, self._wire_device()
+        skeleton = known.get(path)
+        header = skeleton is None
+        if header:
+            skeleton = known[path] = wire.describe(out)
+        buffer = wire.pack(out, skeleton, wire.empty_buffer(skeleton, device))
+        pending = []
+        for rank in range(peers.size):
+            if rank != self.rank:
+                what = f"sending the warm-up output of {path} to rank {rank}"
+                if header:
+                    pending += peers.send_object(skeleton, rank, what, device)
+                pending.append(peers.isend(buffer, rank, what))
+        return pending
+
+    def _receive_output(self, path, rank, known):
+        what = f"receiving the warm-up output of {path} from rank {rank}"
+        if path not in known:
+            known[path] = self.peers.recv_object(rank, what, self._wire_device())
+        return _on_device(self._receive_tree(known[path], rank, what), self.device)
+
+    def _receive_tree(self, skeleton, rank, what):
+        buffer = wire.empty_buffer(skeleton, self._wire_device())
+        self.peers.wait([self.peers.irecv(buffer, rank, what)])
+        tree = wire.views(skeleton, buffer)
+        wire.refresh(tree, skeleton, buffer)
+        return tree
+
+    def _set_wires(self, skeletons):
+        """The buffers of this layout and program's messages (made once per pair):
+        received units, zeros for the other units this rank's glue reads, and the full
+        cache of a reuse step."""
+        incoming = self._incoming()
+        key = (self._layout, tuple(sorted(incoming))) if self._layout is not None else None
+        wires = self._layouts.get(key) if key is not None else None
+        if wires is None or wires.skeletons != skeletons:
+            wires = _Wires(skeletons, self._wire_device())
+            for src, units in incoming:
+                _, _, views = wires.message(wires.inbox, src, units)
+                for unit in units:
+                    if unit in wires.cache:
+                        raise NotImplementedError(
+                            f"unit {unit} reaches rank {self.rank} in two different messages; the distributed "
+                            "executor expects one per unit (please report the plan)")
+                    wires.cache[unit] = views[unit]
+            own = set(self.replica.compute)
+            for unit, skeleton in skeletons.items():
+                if unit not in own and unit not in wires.cache:
+                    wires.cache[unit] = wire.zeros(skeleton, self.device)
+            wires.full_cache = {u: wire.zeros(skeletons[u], self.device) for u in own if u in skeletons}
+            wires.full_cache.update(wires.cache)  # own units the host fetches for a reuse step included
+            wires.latent = torch.empty_like(self._call.latent, device=self.device) if self.graphs.enabled else None
+            if key is not None:
+                self._keep_layout(key, wires)
+        self._wires, self._wires_key = wires, key
+
+    def _incoming(self):
+        """{(sending rank, units)}: the messages this rank receives in the program."""
+        messages = set()
+        for step in self._program.steps:
+            by_source = {}
+            for i in step.instructions:
+                if isinstance(i, Send) and i.dst == self.rank and i.src != i.dst:
+                    by_source.setdefault(i.src, []).append(i.unit)
+            messages.update((src, tuple(units)) for src, units in by_source.items())
+        return messages
+
+    def _keep_layout(self, key, wires):
+        self._layouts[key] = wires
+        self._layouts.move_to_end(key)
+        while len(self._layouts) > MAX_LAYOUTS:
+            old, _ = self._layouts.popitem(last=False)
+            if self._stream is not None:
+                self._stream.synchronize()
+            self.graphs.drop(lambda k: k[1] == old)
+            if all(k[0] != old[0] for k in self._layouts):
+                self.replica.drop((id(self), old[0]))
+                self._skeletons.pop(old[0], None)  # every rank evicts the same layouts: they stay in step
+
+    # ---------------------------------------------------------------- the prediction
+    def _emit(self, ins):
+        """Post the next step's exchange, then share this step's prediction: the host
+        sends it to every rank, the others receive it."""
+        k, program = self._k, self._program
+        if k + 1 < program.num_steps and self._wires is not None:
+            self._post(k + 1)
+        if ins.source == "previous":
+            self._emitted = self._previous
+            return
+        host, peers, device = program.host, self.peers, self._wire_device()
+        if self.rank == host:
+            if ins.source == "forward":
+                out = self._outputs[ins.device]
+            else:  # "cache": the glue around the cached output units
+                out, _ = self._run("reuse", k - int(program.time_shift), self._wires.full_cache, compute=())
+            skeleton = self._out_skeleton
+            buffer = wire.pack(out, skeleton, wire.empty_buffer(skeleton, device))
+            peers.wait(peers.batch([(dist.isend, buffer, rank, f"sending the prediction of step {k} to rank {rank}")
+                                    for rank in range(peers.size - 1)]))
+            self._emitted = out
+        else:
+            what = f"receiving the prediction of step {k} from rank {host}"
+            received = self._receive_tree(self._out_skeleton, host, what)
+            self._emitted = _on_device(received, self._call.latent.device)
+
+    # ---------------------------------------------------------------- reporting
+    def weights_per_device(self):
+        """Bytes of weights this rank holds, at its index (None for the other ranks)."""
+        out = [None] * self.peers.size
+        out[self.rank] = weight_bytes(self.replica.module)
+        return out
+
+    def close(self):
+        self._program = None
+        self.graphs.clear()
+        self._layouts.clear()
+        if self._shares is None:
+            self.replica.close()
+
+
+def _on(stream):
+    return torch.cuda.stream(stream) if stream is not None else nullcontext()
+
+
+def _on_device(tree, device):
+    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _copies(tree):
+    return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
+
+
+def _difference(theirs, mine):
+    names = ("steps", "warm-up", "stride", "timesteps", "input shapes")
+    return ", ".join(f"{n}: {a} vs {b}" for n, a, b in zip(names, theirs, mine) if a != b)[:300]

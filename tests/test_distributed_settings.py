@@ -1,0 +1,76 @@
+"""The distributed executor inside this test process: how it finds its process group,
+and a one-rank group (N = 1: the sequential denoiser exactly). The multi-process runs
+are in test_executor_distributed.py."""
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import asyncdiff_rt
+from asyncdiff_rt.engine.process_group import TORCHRUN_VARIABLES
+from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
+
+
+def generate(pipe, steps=4):
+    return pipe("a red cube", num_inference_steps=steps, height=16, width=16,
+                generator=torch.Generator().manual_seed(0), output_type="latent").images
+
+
+@pytest.fixture
+def pipe():
+    return tiny_sd_pipeline("sd15")
+
+
+@pytest.fixture
+def world_of_one():
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    yield dist.group.WORLD
+    dist.destroy_process_group()
+
+
+def test_without_torchrun_or_a_group_it_says_how_to_launch(pipe, monkeypatch):
+    for name in TORCHRUN_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(ValueError, match=r"launch with torchrun \(torchrun --nproc-per-node 2 .*RANK"):
+        asyncdiff_rt.parallelize(pipe, executor="distributed")
+    assert not dist.is_initialized()
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+
+
+def test_a_world_of_the_wrong_size_is_refused(pipe, world_of_one):
+    with pytest.raises(ValueError, match=r"default process group .* has 1 ranks, but the plan runs on .* 2 devices"):
+        asyncdiff_rt.parallelize(pipe, n_components=2, executor="distributed")
+    group = dist.new_group([0])
+    with pytest.raises(ValueError, match=r"process_group= has 1 ranks, .* 3 devices"):
+        asyncdiff_rt.parallelize(pipe, n_components=2, stride=2, executor="distributed", process_group=group)
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+
+
+def test_one_rank_is_the_sequential_denoiser(pipe, world_of_one):
+    expected = generate(pipe)
+    handle = asyncdiff_rt.parallelize(pipe, n_components=1, warmup=1, executor="distributed")
+    assert torch.equal(generate(pipe), expected)
+    assert torch.equal(generate(pipe), expected)  # a second generation reuses this layout's buffers
+    stats = handle.stats()
+    assert stats["executor"] == "distributed" and stats["transport"] == "gloo" and stats["rank"] == 0
+    assert stats["generations"] == 2 and stats["forwards_per_device"] == [6]
+    handle.remove()
+    assert torch.equal(generate(pipe), expected)
+
+
+def test_measured_partition_follows_measured_times(pipe):
+    """partition="measured" balances what the units take where the denoiser runs, not
+    their FLOPs: a slow output unit (50 ms here) ends up alone in the last component."""
+    hook = pipe.unet.conv_out.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    try:
+        handle = asyncdiff_rt.parallelize(pipe, n_components=2, partition="measured")
+        measured = handle.plan.partition
+        handle.remove()
+        handle = asyncdiff_rt.parallelize(pipe, n_components=2, partition="auto")
+        by_flops = handle.plan.partition
+        handle.remove()
+    finally:
+        hook.remove()
+    assert measured.strategy == "measured" and measured.components[1] == ("conv_out",)
+    assert by_flops.components[1] != ("conv_out",)

@@ -1,0 +1,147 @@
+"""The distributed executor on the CPU (gloo), one process per device, launched as
+torchrun would (its environment variables) or by torchrun itself: bit-for-bit equal to
+the reference executor, inside a process group a host framework made, and failures that
+end every rank within the timeout with a message naming the rank."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncdiff_rt import parallelize
+from asyncdiff_rt.models.tiny_t2i import load_tiny
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+WORKER = Path(__file__).with_name("distributed_worker.py")
+PROMPTS = ["a red cube", "a blue ball"]  # as the worker's
+STEPS = 8
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(rank, world, port, **extra):
+    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
+
+
+def launch(tmp_path, world, *args, timeout=120, hung=None):
+    """Run `world` worker processes; {rank: (return code, record, log)} and the seconds
+    taken. Rank `hung` is killed once the others have exited."""
+    port, start = _port(), time.monotonic()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *map(str, args)],
+                              env=_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for r in range(world)]
+    results = {}
+    order = [r for r in range(world) if r != hung] + ([hung] if hung is not None else [])
+    for rank in order:
+        proc = procs[rank]
+        if rank == hung:
+            proc.kill()
+        try:
+            log, _ = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+        except subprocess.TimeoutExpired:
+            for p in procs:
+                p.kill()
+            pytest.fail(f"rank {rank} did not exit within {timeout} s")
+        path = tmp_path / f"rank{rank}.json"
+        record = json.loads(path.read_text()) if path.exists() else None
+        results[rank] = (proc.returncode, record, log.decode(errors="replace")[-3000:])
+    return results, time.monotonic() - start
+
+
+def reference_images(n, s, warmup=1):
+    torch.set_num_threads(1)
+    pipe = load_tiny()
+    handle = parallelize(pipe, n_components=n, stride=s, warmup=warmup, executor="reference")
+    images = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
+                  output_type="pt").images
+    handle.remove()
+    return images
+
+
+def _ok(results):
+    for rank, (code, record, log) in results.items():
+        assert code == 0 and record is not None and "error" not in record, f"rank {rank} failed:\n{record}\n{log}"
+
+
+@pytest.mark.parametrize("n,s", [(2, 1), (2, 2)])
+def test_equals_the_reference_bit_for_bit(tmp_path, n, s):
+    results, _ = launch(tmp_path, n + s - 1, n, s, STEPS)
+    _ok(results)
+    expected = reference_images(n, s)
+    for rank in results:
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected), f"rank {rank} differs"
+    stats = [results[r][1]["stats"] for r in results]
+    assert all(st["transport"] == "gloo" and st["executor"] == "distributed" for st in stats)
+    host = stats[-1]
+    assert host["warmup_forwards"] == 1 and sum(host["received_bytes_per_device"]) > 0
+    # each rank holds only its own units (and the shared modules), less than the whole UNet
+    whole = sum(t.numel() * t.element_size() for t in load_tiny().unet.state_dict().values())
+    assert all(st["weight_bytes_this_rank"] < whole for st in stats)
+
+
+def test_inside_a_group_of_a_bigger_world(tmp_path):
+    """The host-framework case: a 4-rank world, the program on ranks 1 and 2 only."""
+    results, _ = launch(tmp_path, 4, 2, 1, STEPS, "--group", "1,2")
+    expected = reference_images(2, 1)
+    for rank in (1, 2):
+        code, record, log = results[rank]
+        assert code == 0 and "error" not in record, log
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+    for rank in range(4):
+        assert results[rank][0] == 0, results[rank][2]
+        assert json.loads((tmp_path / f"world{rank}.json").read_text())["sum"] == 1 + 2 + 3 + 4
+    assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank3.json").exists()
+
+
+def test_two_nodes_under_torchrun(tmp_path):
+    """torchrun --nnodes 2 with a local rendezvous: one rank per "node", the same images."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    port = _port()
+    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", "asyncdiff-test", str(WORKER), str(tmp_path), "2", "1", str(STEPS)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in (0, 1)]
+    logs = [p.communicate(timeout=180)[0].decode(errors="replace")[-3000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    expected = reference_images(2, 1)
+    for rank in (0, 1):
+        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert "error" not in record, record
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+
+
+@pytest.mark.parametrize("how,victim", [("kill", 1), ("raise", 1), ("hang", 0)])
+def test_a_failing_rank_stops_the_others(tmp_path, how, victim):
+    """A rank killed with SIGKILL, raising, or hanging mid-generation: every other rank
+    raises within the timeout, naming the rank and what happened (directly, or through
+    the cause the first rank to notice recorded)."""
+    timeout = 4.0
+    results, _ = launch(tmp_path, 3, 2, 2, STEPS, "--inject", how, "--at-rank", victim, "--at-call", 4,
+                        "--timeout", timeout, timeout=90, hung=victim if how == "hang" else None)
+    expected = {"kill": f"rank {victim} closed its connection",
+                "raise": f"rank {victim} failed at step",
+                "hang": f"rank {victim} sent nothing for {timeout:g} s"}[how]
+    for rank, (code, record, log) in results.items():
+        if rank == victim and how != "raise":
+            continue  # killed, or hung (and killed by the launcher once the others are done)
+        assert record is not None and "error" in record, f"rank {rank} did not fail:\n{log}"
+        assert record["seconds"] < 20 + timeout, record  # parallelize, 4 steps, then at most the timeout
+        if rank == victim:
+            assert record["error"] == "injected failure"
+            continue
+        assert record["type"] == "PeerFailure", record
+        assert expected in record["error"] and "create a new one" in record["error"], record["error"]
+        if how == "raise":
+            assert "injected failure" in record["error"]
