@@ -149,8 +149,14 @@ def generate(pipe, specs: Sequence[shapes.Spec], seed: int, steps: int, guidance
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
-        imgs = pipe([shapes.caption(s) for s in chunk], num_inference_steps=steps, guidance_scale=guidance,
-                    generator=gens, output_type="pt").images
+        prompts, kwargs = [shapes.caption(s) for s in chunk], dict(num_inference_steps=steps, guidance_scale=guidance,
+                                                                   generator=gens)
+        if hasattr(pipe, "transformer"):  # the tiny transformer: its pipeline's latents are the pixels
+            from .models.tiny_dit import images as dit_images
+
+            imgs = dit_images(pipe, prompts, **kwargs)
+        else:
+            imgs = pipe(prompts, output_type="pt", **kwargs).images
         out.append(imgs.cpu())
         if progress is not None:
             progress.update(len(chunk))
@@ -190,15 +196,23 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
              stride_reuse: Sequence[str] = ("component", "previous"), guidance: float = 4.0,
              prompts: str = "heldout", seed: int = 0, batch: int = 64, grid_cols: int = 8,
              out_dir: Optional[str] = None, device: Optional[str] = None, pipe=None, judge=None,
-             progress: bool = True, command: str = "") -> dict:
-    """Generate `samples` images per row, score them, write eval.json and eval_grid.png."""
+             progress: bool = True, command: str = "", model: str = "unet") -> dict:
+    """Generate `samples` images per row, score them, write eval.json and eval_grid.png.
+    `model`: "unet" (the shipped tiny UNet) or "dit" (the shipped tiny transformer)."""
     from tqdm import tqdm
 
     from .models.judge import load_judge
+    from .models.tiny_dit import load_tiny_dit
     from .models.tiny_t2i import load_tiny
 
+    if model not in ("unet", "dit"):
+        raise ValueError(f"model={model!r}: use unet or dit")
+    if model == "dit" and "upstream" in partitions:
+        raise ValueError('the reference code publishes no split for a transformer: use partition "auto" (or '
+                         '"measured") with --model dit')
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    pipe = load_tiny(device=device) if pipe is None else pipe
+    if pipe is None:
+        pipe = load_tiny_dit(device=device) if model == "dit" else load_tiny(device=device)
     judge = load_judge(device=device) if judge is None else judge
     runs = expand_runs(parse_configs(configs), warmups, partitions, stride_reuse)
     specs = eval_specs(samples, prompts)
@@ -207,7 +221,7 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
     real_feat, real_pred = judge_images(judge, real)
 
     result = {
-        "command": command, "device": str(device),
+        "command": command, "device": str(device), "model": model,
         "settings": {"samples": samples, "steps": steps, "guidance_scale": guidance, "scheduler": "DDIM",
                      "prompts": prompts, "seed": seed, "batch": batch},
         "real_images": {"adherence": adherence(real_pred, labels)},

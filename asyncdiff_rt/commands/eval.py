@@ -10,11 +10,13 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(
         "eval", help="quality table (adherence, Frechet, PSNR vs sequential) on the shipped tiny model",
         description=__doc__)
+    p.add_argument("--model", default="unet", choices=["unet", "dit"],
+                   help="the shipped tiny UNet, or the shipped tiny transformer (PixArt DiT)")
     p.add_argument("--configs", default="1,2x1,3x1,4x1,2x2,3x2", help="N or NxS list; 1 = sequential")
     p.add_argument("--warmup", default="1,3", help="warm-up step counts W")
     p.add_argument("--samples", type=int, default=256)
     p.add_argument("--steps", type=int, default=50, help="DDIM steps")
-    p.add_argument("--partition", default="auto,upstream")
+    p.add_argument("--partition", default=None, help="default: auto,upstream (unet), auto (dit)")
     p.add_argument("--stride-reuse", default="component,previous")
     p.add_argument("--guidance", type=float, default=4.0)
     p.add_argument("--prompts", default="heldout", choices=["heldout", "train", "all"],
@@ -41,7 +43,8 @@ def run(args) -> int:
         return 2
     try:
         result = run_eval(configs=args.configs, warmups=warmups, samples=args.samples, steps=args.steps,
-                          partitions=_list(args.partition), stride_reuse=_list(args.stride_reuse),
+                          partitions=_list(args.partition or ("auto" if args.model == "dit" else "auto,upstream")),
+                          stride_reuse=_list(args.stride_reuse), model=args.model,
                           guidance=args.guidance, prompts=args.prompts, seed=args.seed, batch=args.batch,
                           out_dir=args.out, device=args.device,
                           command="asyncdiff-rt " + " ".join(shlex.quote(a) for a in sys.argv[1:]))

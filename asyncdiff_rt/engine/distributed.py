@@ -95,7 +95,10 @@ class DistributedExecutor:
     def _init_role(self, graphs):
         self.graphs = GraphCache(enabled=graphs)
         self._layouts = OrderedDict()  # (input layout, messages) -> _Wires, least recently used first
-        self._skeletons = {}  # input layout -> {unit: wire.Skeleton}: layouts of warm-up outputs already sent
+        # input layout -> {unit: wire.Skeleton}: the layouts of warm-up outputs already sent. Every rank
+        # must agree on it (it decides whether a layout message comes first), so it is kept and
+        # evicted by the sequence of generations alone, which is the same on every rank.
+        self._skeletons = OrderedDict()
         self._handlers = {Send: self._receive, SendLatent: self._latent, Forward: self._forward, Emit: self._emit}
         self._program = None
 
@@ -158,6 +161,11 @@ class DistributedExecutor:
         self._agree(digest)
         self._table = timestep_table(self._timesteps, call, self.device)
         self._layout = call_layout(call)
+        self._known = self._skeletons.pop(self._layout, {}) if self._layout is not None else {}
+        if self._layout is not None:
+            self._skeletons[self._layout] = self._known
+            while len(self._skeletons) > MAX_LAYOUTS:
+                self._skeletons.popitem(last=False)
 
     def _agree(self, digest):
         """The host compares every rank's generation with its own and tells each the verdict."""
@@ -239,7 +247,7 @@ class DistributedExecutor:
     def _run(self, phase, tau, cache, compute=None):
         """One forward of this rank's replica; its output and the outputs of its units."""
         replica, stream = self.replica, self._stream
-        key = (phase, self._wires_key)
+        key = (self.rank, phase, 0, self._wires_key)  # (device, phase, slot, ...) as graphs.py names them
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream(self.device))
         with _on(stream):
@@ -267,8 +275,7 @@ class DistributedExecutor:
         modules, computes the units it owns and sends each output to every other rank
         as soon as it is made; the other units return what their owners sent. No unit's
         inputs travel, and no rank waits for a reply."""
-        owner, sends = self.plan.transfers.owner, []
-        known = self._skeletons.setdefault(self._layout, {}) if self._layout is not None else {}
+        owner, sends, known = self.plan.transfers.owner, [], self._known
         mine = {path for path, rank in owner.items() if rank == self.rank}
         executor = self
 
@@ -371,10 +378,9 @@ class DistributedExecutor:
             old, _ = self._layouts.popitem(last=False)
             if self._stream is not None:
                 self._stream.synchronize()
-            self.graphs.drop(lambda k: k[1] == old)
+            self.graphs.drop(lambda k: k[3] == old)
             if all(k[0] != old[0] for k in self._layouts):
                 self.replica.drop((id(self), old[0]))
-                self._skeletons.pop(old[0], None)  # every rank evicts the same layouts: they stay in step
 
     # ---------------------------------------------------------------- the prediction
     def _emit(self, ins):
