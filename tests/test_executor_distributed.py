@@ -122,6 +122,16 @@ def test_two_nodes_under_torchrun(tmp_path):
         assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
 
 
+def test_ranks_that_run_different_generations_all_stop(tmp_path):
+    """SPMD broken by the caller (one rank asks for other steps): every rank raises before
+    any forward, naming the rank and what differs, instead of exchanging garbage."""
+    results, _ = launch(tmp_path, 2, 2, 1, STEPS, "--steps-at-rank", STEPS + 2, "--at-rank", 0)
+    for rank, (code, record, log) in results.items():
+        assert record is not None and record.get("type") == "ValueError", f"rank {rank}:\n{record}\n{log}"
+        assert "rank 0 runs a different generation than the host (rank 1)" in record["error"]
+        assert f"steps: {STEPS + 2} vs {STEPS}" in record["error"]
+
+
 @pytest.mark.parametrize("how,victim", [("kill", 1), ("raise", 1), ("hang", 0)])
 def test_a_failing_rank_stops_the_others(tmp_path, how, victim):
     """A rank killed with SIGKILL, raising, or hanging mid-generation: every other rank
