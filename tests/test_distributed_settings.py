@@ -74,3 +74,11 @@ def test_measured_partition_follows_measured_times(pipe):
         hook.remove()
     assert measured.strategy == "measured" and measured.components[1] == ("conv_out",)
     assert by_flops.components[1] != ("conv_out",)
+
+
+def test_bench_distributed_outside_torchrun_says_how_to_start_it(monkeypatch, capsys):
+    from asyncdiff_rt.cli import Refusal, main
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(Refusal, match="torchrun --nproc-per-node 2 --no-python asyncdiff-rt bench --distributed"):
+        main(["bench", "--distributed"])
