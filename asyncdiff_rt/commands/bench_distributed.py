@@ -50,7 +50,7 @@ def run(args):
     settings = (f"shipped tiny model (32x32, latent 16x16), guidance on (batch 2 x prompts), DDIM {steps} "
                 f"steps, W={args.warmup}; {world} ranks x {args.threads} intra-op thread(s) against one process "
                 f"with {args.threads}; median of {repeats} after one warm-up run; torch {torch.__version__}; "
-                f"command: torchrun --nproc-per-node {world} --no-python asyncdiff-rt bench {' '.join(sys.argv[2:])}")
+                f"command: torchrun --nproc-per-node {world} --no-python asyncdiff-rt bench {_arguments()}")
 
     rows = []
     for prompts in args.prompts:
@@ -106,6 +106,21 @@ def _timed(generate, repeats, device, cuda, before=None):
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3, images
+
+
+def _arguments():
+    """This run's bench arguments without `--out DIR`: where the table went is no setting,
+    and a path names the machine it ran on."""
+    args, kept = sys.argv[2:], []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == "--out":
+            skip = True
+        elif not arg.startswith("--out="):
+            kept.append(arg)
+    return " ".join(kept)
 
 
 def _max_over_ranks(value, device):

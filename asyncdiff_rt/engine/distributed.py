@@ -19,7 +19,6 @@ every other rank raise within the timeout, with a message naming it.
 """
 import logging
 from collections import OrderedDict
-from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
@@ -30,6 +29,7 @@ from ..schedule import Emit, Forward, Send, SendLatent
 from . import wire
 from .call import timestep_table
 from .graphs import GraphCache
+from .local import _moved, _on
 from .peers import PeerFailure, Peers
 from .process_group import rank_device
 from .replica import Replica, call_layout, replicate, weight_bytes
@@ -323,7 +323,7 @@ class DistributedExecutor:
         what = f"receiving the warm-up output of {path} from rank {rank}"
         if path not in known:
             known[path] = self.peers.recv_object(rank, what, self._wire_device())
-        return _on_device(self._receive_tree(known[path], rank, what), self.device)
+        return _moved(self._receive_tree(known[path], rank, what), self.device)
 
     def _receive_tree(self, skeleton, rank, what):
         buffer = wire.empty_buffer(skeleton, self._wire_device())
@@ -406,7 +406,7 @@ class DistributedExecutor:
         else:
             what = f"receiving the prediction of step {k} from rank {host}"
             received = self._receive_tree(self._out_skeleton, host, what)
-            self._emitted = _on_device(received, self._call.latent.device)
+            self._emitted = _moved(received, self._call.latent.device)
 
     # ---------------------------------------------------------------- reporting
     def weights_per_device(self):
@@ -421,14 +421,6 @@ class DistributedExecutor:
         self._layouts.clear()
         if self._shares is None:
             self.replica.close()
-
-
-def _on(stream):
-    return torch.cuda.stream(stream) if stream is not None else nullcontext()
-
-
-def _on_device(tree, device):
-    return pytree.tree_map(lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, tree)
 
 
 def _copies(tree):
