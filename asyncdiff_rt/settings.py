@@ -112,12 +112,13 @@ def _has_module(denoiser, path):
     return True
 
 
-def check_distributed(executor, process_group, timeout):
-    """The distributed executor's own settings: a process group only for it, and a
-    positive timeout in seconds (how long a rank waits for a peer before raising)."""
-    if process_group is not None and executor != "distributed":
-        raise ValueError(f"process_group= is for executor='distributed' (got executor={executor!r}); "
-                         "pass executor='distributed' or drop process_group")
+def check_distributed(executor, process_group, timeout, transport=None):
+    """The distributed executor's own settings: a process group and a transport only for
+    it, and a positive timeout in seconds (how long a rank waits for a peer before raising)."""
+    for name, value in (("process_group", process_group), ("transport", transport)):
+        if value is not None and executor != "distributed":
+            raise ValueError(f"{name}= is for executor='distributed' (got executor={executor!r}); "
+                             f"pass executor='distributed' or drop {name}")
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
         raise ValueError(f"timeout={timeout!r}: give the seconds a rank waits for a peer before raising, "
                          "a number > 0 (default 30)")

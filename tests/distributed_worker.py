@@ -4,6 +4,7 @@ torchrun's environment variables, or by torchrun itself).
     python tests/distributed_worker.py OUT N S STEPS [--inject raise|kill|hang --at-rank R --at-call C]
                                        [--steps-at-rank STEPS --at-rank R]
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
+                                       [--transport NAME] [--interrupt-after K]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
 OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised).
@@ -38,6 +39,7 @@ def main():
     p.add_argument("--group", default=None)
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--cuda", action="store_true", help="each rank on GPU LOCAL_RANK (NCCL)")
+    p.add_argument("--transport", default=None)
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -60,7 +62,8 @@ def main():
     start = time.monotonic()
     try:
         handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=args.warmup,
-                             executor="distributed", process_group=group, timeout=args.timeout)
+                             executor="distributed", process_group=group, timeout=args.timeout,
+                             transport=args.transport)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
         images = pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images

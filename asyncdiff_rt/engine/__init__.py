@@ -20,7 +20,7 @@ def make_executor(name, denoiser, plan, devices=None, **options):
     """`name` is "auto" or a key of EXECUTORS. `devices`: the plan's devices (None: the
     denoiser's own); the reference executor runs on the denoiser's device whatever they
     are. `options` go to the executor (local: graphs=True, backend=None; distributed:
-    group, timeout_s=30.0, graphs=True)."""
+    group, timeout_s=30.0, graphs=True, transport=None)."""
     name = resolve_executor(name, devices)
     if name == "reference":
         return ReferenceExecutor(denoiser, plan)

@@ -12,9 +12,10 @@ A warm-up forward runs on every rank in lockstep: each runs the glue, computes i
 units and sends their outputs to the others as they are made, so every rank sees every
 unit's output once (and sizes its buffers from them); each commit stays with its owner.
 
-Transports: NCCL between GPUs (every exchange is one batch of point-to-point
-operations), gloo on the CPU. On a GPU, forwards replay CUDA graphs per rank, on a
-stream of the rank's own. Failures (peers.py): a rank that raises, dies or hangs makes
+Transports of the per-step messages (transports.py): NCCL between GPUs (every exchange
+is one batch of point-to-point operations) or, on one node, CUDA IPC mailboxes; gloo on
+the CPU or shared-memory mailboxes (mailbox.py). On a GPU, forwards replay CUDA graphs
+per rank, on a stream of the rank's own. Failures (peers.py): a rank that raises, dies or hangs makes
 every other rank raise within the timeout, with a message naming it.
 """
 import logging
@@ -30,10 +31,12 @@ from . import wire
 from .call import timestep_table
 from .graphs import GraphCache
 from .local import _moved, _on
+from .mailbox import Mailbox, Route
 from .peers import PeerFailure, Peers
 from .process_group import rank_device
 from .replica import Replica, call_layout, replicate, weight_bytes
 from .stats import ExecutorStats
+from .transports import choose_transport
 
 log = logging.getLogger(__name__)
 MAX_LAYOUTS = 3  # input layouts whose receive buffers and graphs are kept
@@ -48,6 +51,7 @@ class _Wires:
         self.device = device
         self.inbox, self.outbox = {}, {}  # (peer, units) -> (skeleton, buffer, views)
         self.cache, self.full_cache = {}, {}
+        self.mailbox = None  # ipc and shm: the slots and counters of these messages
 
     def message(self, box, peer, units):
         key = (peer, units)
@@ -61,18 +65,17 @@ class _Wires:
 class DistributedExecutor:
     name = "distributed"
 
-    def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True):
+    def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True, transport=None):
         self.plan = plan
         self.peers = Peers(group, timeout_s)
-        self.rank, self.transport = self.peers.rank, self.peers.backend
+        self.rank = self.peers.rank
         if self.peers.size != plan.n_devices:
             raise ValueError(f"the process group has {self.peers.size} ranks; this plan runs on {plan.n_devices}")
         self.device = rank_device(devices, denoiser, self.rank)
-        if (self.device.type == "cuda") != (self.transport == "nccl"):
-            raise ValueError(f"rank {self.rank} runs on {self.device} but its process group uses {self.transport}; "
-                             "use NCCL for GPUs and gloo for the CPU")
-        self._check_same_plan()
+        self._check_same_plan(transport)
         self.peers.clear_failures()
+        self.transport = choose_transport(self.peers, self.device, transport)
+        self._links = self.transport.links() if self.transport.mailbox else None
         paths, own = plan.graph.paths, plan.partition.components[min(self.rank, plan.n_components - 1)]
         module = replicate(denoiser, [p for p in paths if p not in own], self.device, keep=plan.graph.read_outside)
         self.replica = Replica(module, paths, own, self.device, plan.transfers.skipped_arguments(self.rank))
@@ -86,7 +89,8 @@ class DistributedExecutor:
         """An executor for another call role: its own caches, graphs and generation state,
         on this one's process group, replica and stream. Close it before this one."""
         other = DistributedExecutor.__new__(DistributedExecutor)
-        for name in ("plan", "peers", "rank", "transport", "device", "replica", "_stream", "stats", "timeline"):
+        for name in ("plan", "peers", "rank", "transport", "_links", "device", "replica", "_stream", "stats",
+                     "timeline"):
             setattr(other, name, getattr(self, name))
         other._shares = self
         other._init_role(self.graphs.enabled)
@@ -95,6 +99,8 @@ class DistributedExecutor:
     def _init_role(self, graphs):
         self.graphs = GraphCache(enabled=graphs)
         self._layouts = OrderedDict()  # (input layout, messages) -> _Wires, least recently used first
+        self._loose = None  # the _Wires of a call without a layout key (made again each generation)
+        self._posted = {}  # step -> the exchange posted for it
         # input layout -> {unit: wire.Skeleton}: the layouts of warm-up outputs already sent. Every rank
         # must agree on it (it decides whether a layout message comes first), so it is kept and
         # evicted by the sequence of generations alone, which is the same on every rank.
@@ -104,24 +110,25 @@ class DistributedExecutor:
 
     def describe(self):
         """What handle.stats() adds for this executor."""
-        return {"rank": self.rank, "world": self.peers.size, "transport": self.transport, "device": str(self.device),
+        return {"rank": self.rank, "world": self.peers.size, **self.transport.describe(), "device": str(self.device),
                 "weight_bytes_this_rank": weight_bytes(self.replica.module)}
 
-    def _check_same_plan(self):
+    def _check_same_plan(self, transport):
         """Every rank must run the same program on the same split: compare at setup."""
         plan = self.plan
-        mine = (plan.n_components, plan.stride, plan.warmup, [list(c) for c in plan.partition.components])
+        mine = (plan.n_components, plan.stride, plan.warmup, transport, [list(c) for c in plan.partition.components])
         everyone = [None] * self.peers.size
         dist.all_gather_object(everyone, mine, group=self.peers.group)
         for rank, theirs in enumerate(everyone):
             if theirs != mine:
-                raise ValueError(f"rank {rank} planned differently from rank {self.rank} ({theirs[:3]} vs "
-                                 f"{mine[:3]}, or another split): pass the same model and settings on every rank")
+                raise ValueError(f"rank {rank} planned differently from rank {self.rank} ({theirs[:4]} vs "
+                                 f"{mine[:4]}, or another split): pass the same model and settings on every rank")
 
     # ---------------------------------------------------------------- generation
     def start(self, program, timesteps):
+        self._drain()
         self._program, self._timesteps = program, timesteps
-        self._committed, self._posted = {}, {}
+        self._committed = {}
         self._wires = self._wires_key = self._out_skeleton = self._previous = None
 
     def step(self, k, call):
@@ -131,10 +138,10 @@ class DistributedExecutor:
         try:
             return self._step(k, call)
         except PeerFailure:
-            self._program = None
+            self._stop()
             raise
         except BaseException as e:
-            self._program = None
+            self._stop()
             self.peers.fail(e)  # the other ranks raise now instead of at the timeout
             raise
 
@@ -189,7 +196,7 @@ class DistributedExecutor:
             raise ValueError(verdict)
 
     def _wire_device(self):
-        return self.device if self.transport == "nccl" else torch.device("cpu")
+        return self.device if self.peers.backend == "nccl" else torch.device("cpu")
 
     # ---------------------------------------------------------------- instructions
     def _latent(self, ins):
@@ -198,13 +205,35 @@ class DistributedExecutor:
     def _receive(self, ins):
         """The first Send of a step: wait for what this rank receives in it."""
         posted = self._posted.pop(self._k, None)
-        if posted is None:
-            return
+        if posted is not None:
+            self._complete(posted)
+
+    def _complete(self, posted):
         pending, arrived = posted
         self.peers.wait(pending)
-        for skeleton, buffer, views in arrived:
+        for skeleton, buffer, views, mailbox, route in arrived:
+            if mailbox is not None:
+                mailbox.receive(route, buffer)
             wire.refresh(views, skeleton, buffer)
             self.stats.add_received(self.rank, buffer.numel())
+
+    def _drain(self):
+        """Complete the exchanges posted for steps that never ran (a pipeline that stopped
+        calling the denoiser early), so that the next messages pair up with their own."""
+        posted, self._posted = self._posted, {}
+        if self.peers.failure is None:
+            for k in sorted(posted):
+                self._complete(posted[k])
+
+    def _stop(self):
+        """After a failure: no generation runs, and no GPU stream waits on a counter forever."""
+        self._program, self._posted = None, {}
+        for wires in self._every_wires():
+            if wires.mailbox is not None:
+                wires.mailbox.release()
+
+    def _every_wires(self):
+        return [*self._layouts.values(), *([self._loose] if self._loose is not None else [])]
 
     def _post(self, k):
         """Post the exchange of step k's Sends: pack this rank's commits for each
@@ -218,16 +247,23 @@ class DistributedExecutor:
                 outgoing.setdefault(i.dst, []).append(i.unit)
             elif i.dst == self.rank:
                 incoming.setdefault(i.src, []).append(i.unit)
-        ops, arrived = [], []
+        ops, arrived, mailbox = [], [], self._wires.mailbox
         for dst, units in outgoing.items():
             skeleton, buffer, _ = self._wires.message(self._wires.outbox, dst, tuple(units))
+            route = Route(self.rank, dst, tuple(units), buffer.numel())
+            if mailbox is not None:
+                mailbox.before_pack(route)
             wire.pack({u: self._committed[u] for u in units}, skeleton, buffer)
-            ops.append((dist.isend, buffer, dst, f"sending step {k}'s cached outputs to rank {dst}"))
+            if mailbox is not None:
+                mailbox.send(route, buffer)
+            else:
+                ops.append((dist.isend, buffer, dst, f"sending step {k}'s cached outputs to rank {dst}"))
         for src, units in incoming.items():
             skeleton, buffer, views = self._wires.message(self._wires.inbox, src, tuple(units))
-            ops.append((dist.irecv, buffer, src, f"receiving rank {src}'s cached outputs for step {k}"))
-            arrived.append((skeleton, buffer, views))
-        self._posted[k] = (self.peers.batch(ops), arrived)
+            if mailbox is None:
+                ops.append((dist.irecv, buffer, src, f"receiving rank {src}'s cached outputs for step {k}"))
+            arrived.append((skeleton, buffer, views, mailbox, Route(src, self.rank, tuple(units), buffer.numel())))
+        self._posted[k] = (self.peers.batch(ops) if ops else [], arrived)
 
     def _forward(self, ins):
         host = self._program.host
@@ -335,13 +371,15 @@ class DistributedExecutor:
     def _set_wires(self, skeletons):
         """The buffers of this layout and program's messages (made once per pair):
         received units, zeros for the other units this rank's glue reads, and the full
-        cache of a reuse step."""
-        incoming = self._incoming()
-        key = (self._layout, tuple(sorted(incoming))) if self._layout is not None else None
+        cache of a reuse step. Every rank makes new ones at the same warm-up forward: the
+        key and the decision depend only on what every rank knows."""
+        messages = self._messages()
+        incoming = {(src, units) for src, dst, units in messages if dst == self.rank}
+        key = (self._layout, messages) if self._layout is not None else None
         wires = self._layouts.get(key) if key is not None else None
         if wires is None or wires.skeletons != skeletons:
             wires = _Wires(skeletons, self._wire_device())
-            for src, units in incoming:
+            for src, units in sorted(incoming):
                 _, _, views = wires.message(wires.inbox, src, units)
                 for unit in units:
                     if unit in wires.cache:
@@ -356,31 +394,59 @@ class DistributedExecutor:
             wires.full_cache = {u: wire.zeros(skeletons[u], self.device) for u in own if u in skeletons}
             wires.full_cache.update(wires.cache)  # own units the host fetches for a reuse step included
             wires.latent = torch.empty_like(self._call.latent, device=self.device) if self.graphs.enabled else None
-            if key is not None:
-                self._keep_layout(key, wires)
+            retired = self._keep_layout(key, wires)
+            if self._links is not None:
+                self._open_mailbox(wires, messages, retired)
         self._wires, self._wires_key = wires, key
 
-    def _incoming(self):
-        """{(sending rank, units)}: the messages this rank receives in the program."""
+    def _messages(self):
+        """{(sender, receiver, units)}: every message of the program, the same on every rank."""
         messages = set()
         for step in self._program.steps:
-            by_source = {}
+            by_pair = {}
             for i in step.instructions:
-                if isinstance(i, Send) and i.dst == self.rank and i.src != i.dst:
-                    by_source.setdefault(i.src, []).append(i.unit)
-            messages.update((src, tuple(units)) for src, units in by_source.items())
-        return messages
+                if isinstance(i, Send) and i.src != i.dst:
+                    by_pair.setdefault((i.src, i.dst), []).append(i.unit)
+            messages.update((src, dst, tuple(units)) for (src, dst), units in by_pair.items())
+        return frozenset(messages)
 
     def _keep_layout(self, key, wires):
+        """Keep `wires` (under `key`, or as the loose one); the _Wires it replaces."""
+        if key is None:
+            retired, self._loose = [self._loose] if self._loose is not None else [], wires
+            return retired
+        retired = [self._layouts[key]] if key in self._layouts else []
         self._layouts[key] = wires
         self._layouts.move_to_end(key)
         while len(self._layouts) > MAX_LAYOUTS:
-            old, _ = self._layouts.popitem(last=False)
+            old, evicted = self._layouts.popitem(last=False)
+            retired.append(evicted)
             if self._stream is not None:
                 self._stream.synchronize()
             self.graphs.drop(lambda k: k[3] == old)
             if all(k[0] != old[0] for k in self._layouts):
                 self.replica.drop((id(self), old[0]))
+        return retired
+
+    def _open_mailbox(self, wires, messages, retired):
+        """Slots and counters for every message this rank sends or receives, mapped by the
+        peers. The exchange of their addresses also tells this rank that every peer has
+        finished with the mailboxes retired here (each synchronized before sending)."""
+        routes = []
+        for src, dst, units in sorted(messages):
+            if self.rank in (src, dst):
+                box, peer = (wires.outbox, dst) if src == self.rank else (wires.inbox, src)
+                routes.append(Route(src, dst, units, wires.message(box, peer, units)[1].numel()))
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        wires.mailbox = Mailbox(self.rank, routes, self._links)
+        others = [p for p in range(self.peers.size) if p != self.rank]
+        exports = self.peers.exchange_objects({p: wires.mailbox.export_for(p) for p in others},
+                                              "sharing the addresses of the message slots", self._wire_device())
+        wires.mailbox.connect(exports)
+        for old in retired:
+            if old.mailbox is not None:
+                old.mailbox.close()
 
     # ---------------------------------------------------------------- the prediction
     def _emit(self, ins):
@@ -416,9 +482,20 @@ class DistributedExecutor:
         return out
 
     def close(self):
+        """Peers may still run: drain what they sent here, and keep (links.py) the
+        counters they may yet write."""
+        if self._program is not None or self._posted:
+            try:
+                self._drain()
+            except PeerFailure:
+                pass
         self._program = None
         self.graphs.clear()
+        for wires in self._every_wires():
+            if wires.mailbox is not None:
+                wires.mailbox.close()
         self._layouts.clear()
+        self._loose = None
         if self._shares is None:
             self.replica.close()
 

@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 POLL_S = 0.0002  # NCCL waits poll their events: the host must not block past the timeout
+CHECK_S = 0.02  # shared-memory waits look for a dead or failed peer this often
 
 
 class PeerFailure(RuntimeError):
@@ -87,7 +88,40 @@ class Peers:
         except Exception as e:
             self._peer_failed(p, e)
 
+    def wait_until(self, done, peer, what, alive):
+        """Poll `done()` (a counter another process writes) within the timeout; PeerFailure
+        as soon as `peer`'s process is gone (`alive()` false) or a rank recorded a failure."""
+        self._check_usable()
+        now = time.monotonic()
+        deadline, check = now + self.timeout_s, now + CHECK_S
+        while not done():
+            now = time.monotonic()
+            if now > check:
+                check = now + CHECK_S
+                if not alive():
+                    self._peer_failed(_Pending(None, peer, what), ConnectionError("its process is gone: closed"))
+                stopped = next(iter(self._records() or {}), None)
+                if stopped is not None:
+                    self._peer_failed(_Pending(None, stopped, what), ConnectionError("it stopped: closed"))
+                if now > deadline:
+                    self._peer_failed(_Pending(None, peer, what), TimeoutError(f"nothing within {self.timeout_s:g} s"))
+            time.sleep(POLL_S)
+
     # ---------------------------------------------------------------- objects
+    def exchange_objects(self, objects, what, device):
+        """Send objects[peer] to each peer and receive one from each: {peer: object}. Two
+        batches (sizes, then bytes), so no order of posting can deadlock."""
+        payloads = {peer: torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+                    for peer, obj in objects.items()}
+        sizes_out = {p: torch.tensor([t.numel()], dtype=torch.int64, device=device) for p, t in payloads.items()}
+        sizes_in = {p: torch.zeros(1, dtype=torch.int64, device=device) for p in objects}
+        self.wait(self.batch([(dist.isend, t, p, what) for p, t in sizes_out.items()] +
+                             [(dist.irecv, t, p, what) for p, t in sizes_in.items()]))
+        received = {p: torch.empty(int(t.item()), dtype=torch.uint8, device=device) for p, t in sizes_in.items()}
+        self.wait(self.batch([(dist.isend, t, p, what) for p, t in payloads.items()] +
+                             [(dist.irecv, t, p, what) for p, t in received.items()]))
+        return {p: pickle.loads(t.cpu().numpy().tobytes()) for p, t in received.items()}
+
     def send_object(self, obj, peer, what, device):
         """Send a picklable object (a size, then the bytes); returns the pending sends."""
         payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)

@@ -9,6 +9,7 @@ from ..async_denoiser import AsyncDenoiser
 from ..engine import make_executor
 from ..plan import make_plan
 from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
+from ..engine.transports import check_transport
 from ..settings import check_distributed, check_settings
 from ..example_inputs import example_inputs
 from ..trace import TraceError
@@ -90,7 +91,7 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0):
+                timeout=30.0, transport=None):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -106,18 +107,21 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     `executor="distributed"` runs one process per device (README, "Several processes"):
     call parallelize on every rank with the same arguments; under torchrun it joins or
     creates the default group, or it runs on the ranks of `process_group`. `timeout`:
-    seconds a rank waits for another before raising a message that names it.
+    seconds a rank waits for another before raising a message that names it. `transport`
+    carries the per-step messages: "nccl" or "ipc" (GPUs on one node) for GPUs, "gloo" or
+    "shm" (shared memory on one node) for the CPU; None takes nccl or gloo.
     """
     attribute = _denoiser_attribute(pipe)
     unet = getattr(pipe, attribute)
     # Every setting is checked (and counts made Python ints) before the trace and any device work.
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
-    check_distributed(executor, process_group, timeout)
+    check_distributed(executor, process_group, timeout, transport)
     options, agree = ({"graphs": graphs} if executor == "local" else {}), None
     if executor == "distributed":
+        check_transport(transport, device_type(devices, unet))
         group, _ = join_group(process_group, n_components + stride - 1, device_type(devices, unet), timeout)
-        options = {"group": group, "timeout_s": float(timeout), "graphs": graphs}
+        options = {"group": group, "timeout_s": float(timeout), "graphs": graphs, "transport": transport}
         agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
     def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)

@@ -1,0 +1,215 @@
+"""The memory, copies and counters that carry mailbox.py's protocol between the
+processes of one node.
+
+`CudaIpcLinks` (GPUs): each rank's slots and counters are one device allocation that
+its peers map through CUDA IPC handles. A send runs on a communication stream: wait
+for the packed message, wait on the free counter, copy-engine copy into the peer's
+slot, then write the peer's ready counter (cuStreamWriteValue32: after the copy). A
+receive runs on the rank's current stream: wait on the ready counter (flushing remote
+writes), copy the slot out, write the peer's free counter. No host waits anywhere.
+
+`SharedMemoryLinks` (CPU): POSIX shared memory; waits poll the counter on the host,
+bounded by the timeout, and notice a peer that died or reported a failure.
+"""
+import contextlib
+from dataclasses import dataclass
+import os
+import platform
+from multiprocessing import resource_tracker, shared_memory
+
+import numpy as np
+import torch
+
+from .mailbox import reached
+
+
+@dataclass
+class _Memory:
+    """A rank's slots and counters, its own or a peer's as mapped here."""
+    token: tuple  # what a peer needs to map it
+    data: torch.Tensor = None  # the bytes (None for a peer's device memory)
+    counters: object = None  # the counters: an array (shared memory) or an address (device)
+    shm: shared_memory.SharedMemory = None
+    ptr: int = 0  # device memory: the slots' address here
+    device: int = 0  # device memory: the GPU it lives on, as numbered in this process
+
+
+class SharedMemoryLinks:
+    kind = "shm"
+
+    def __init__(self, peers, pids):
+        self.peers, self.pids = peers, pids  # pids: rank -> process id, to notice a peer that died
+
+    @staticmethod
+    def unusable():
+        """Why this machine cannot run the protocol on shared memory, or None."""
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            return (f"shared-memory messages rely on x86-64's store ordering (payload before counter); this "
+                    f"machine is {platform.machine()}")
+        return None
+
+    def alloc(self, slot_bytes, n_counters):
+        """One segment: the counters, then (aligned) the slots; zero-filled."""
+        start = _aligned(4 * n_counters)
+        shm = shared_memory.SharedMemory(create=True, size=max(start + slot_bytes, 1))
+        return self._view(shm, (shm.name, n_counters, start))
+
+    def open(self, token, peer):
+        shm = shared_memory.SharedMemory(name=token[0])
+        # The creator unlinks it; Python < 3.13 would also register it for this process.
+        with contextlib.suppress(Exception):
+            resource_tracker.unregister(shm._name, "shared_memory")
+        return self._view(shm, token)
+
+    @staticmethod
+    def _view(shm, token):
+        _, n_counters, start = token
+        return _Memory(token, data=torch.frombuffer(shm.buf, dtype=torch.uint8)[start:],
+                       counters=np.frombuffer(shm.buf, dtype=np.uint32, count=n_counters), shm=shm)
+
+    @contextlib.contextmanager
+    def sending(self):
+        yield
+
+    receiving = sending
+
+    def wait(self, memory, index, target, peer, what):
+        counters = memory.counters
+        if not reached(int(counters[index]), target):
+            self.peers.wait_until(lambda: reached(int(counters[index]), target), peer, what,
+                                  alive=lambda: _alive(self.pids[peer]))
+
+    def copy_to(self, remote, offset, buffer):
+        remote.data[offset:offset + buffer.numel()].copy_(buffer)
+
+    def copy_from(self, memory, offset, buffer):
+        buffer.copy_(memory.data[offset:offset + buffer.numel()])
+
+    def signal(self, remote, index, value):
+        remote.counters[index] = value  # after the copy: x86-64 keeps stores in order
+
+    def force(self, memory, index, value):
+        memory.counters[index] = value & 0xFFFFFFFF
+
+    def reuse(self, route):
+        pass  # sends are done when send() returns
+
+    def sent(self, route):
+        pass
+
+    def close_remote(self, remote):
+        self._close(remote)
+
+    def free(self, memory):
+        self._close(memory)
+        with contextlib.suppress(FileNotFoundError):
+            memory.shm.unlink()
+
+    @staticmethod
+    def _close(memory):
+        shm, memory.data, memory.counters = memory.shm, None, None
+        with contextlib.suppress(BufferError):  # a view still alive: the mapping goes at exit
+            shm.close()
+
+
+class CudaIpcLinks:
+    kind = "ipc"
+
+    def __init__(self, device, peer_devices):
+        from .. import _C
+
+        self.C, self.device = _C, device.index
+        self.peer_devices = peer_devices  # rank -> that rank's GPU as numbered in this process
+        self.comm = torch.cuda.Stream(device)
+        self._sent = {}  # route -> event after its last copy (its buffer may be packed again after it)
+
+    def alloc(self, slot_bytes, n_counters):
+        """The slots, and the counters in an allocation of their own that is never freed:
+        a peer's last signal may land after this rank is done with the slots."""
+        device = f"cuda:{self.device}"
+        data = torch.empty(max(slot_bytes, 1), dtype=torch.uint8, device=device)
+        counters = torch.zeros(max(n_counters, 1), dtype=torch.int32, device=device)
+        _KEPT_COUNTERS.append(counters)
+        torch.cuda.synchronize(self.device)  # zeroed before any peer maps it
+        token = (self.C.ipc_export(data.data_ptr(), self.device), self.C.ipc_export(counters.data_ptr(), self.device))
+        return _Memory(token, data=data, ptr=data.data_ptr(), counters=counters.data_ptr(), device=self.device)
+
+    def open(self, token, peer):
+        (slots, slot_offset), (counters, counter_offset) = token
+        return _Memory(token, ptr=self.C.ipc_open(slots, slot_offset, self.device),
+                       counters=self.C.ipc_open(counters, counter_offset, self.device),
+                       device=self.peer_devices[peer])
+
+    @contextlib.contextmanager
+    def sending(self):
+        """Sends run on the communication stream, after what the current stream did."""
+        current = torch.cuda.current_stream(self.device)
+        self.comm.wait_stream(current)
+        with torch.cuda.stream(self.comm):
+            yield
+
+    @contextlib.contextmanager
+    def receiving(self):
+        yield  # on the current stream: the forward that reads the buffer follows it
+
+    def _stream(self):
+        return torch.cuda.current_stream(self.device).cuda_stream
+
+    def wait(self, memory, index, target, peer, what):
+        self.C.signal_wait(self._stream(), memory.counters + 4 * index, target & 0xFFFFFFFF, self.device,
+                           mode="geq", flush=True)
+
+    def copy_to(self, remote, offset, buffer):
+        self.C.copy_batch([(remote.ptr + offset, remote.device, buffer.data_ptr(), self.device,
+                            buffer.numel())], self._stream(), check_pointers=False)
+
+    def copy_from(self, memory, offset, buffer):
+        buffer.copy_(memory.data[offset:offset + buffer.numel()], non_blocking=True)
+
+    def signal(self, remote, index, value):
+        self.C.signal_write(self._stream(), remote.counters + 4 * index, value & 0xFFFFFFFF, remote.device)
+
+    def force(self, memory, index, value):
+        side = torch.cuda.Stream(self.device)  # not behind any wait this rank's streams are stuck on
+        self.C.signal_write(side.cuda_stream, memory.counters + 4 * index, value & 0xFFFFFFFF, self.device)
+
+    def reuse(self, route):
+        event = self._sent.get(route)
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+
+    def sent(self, route):
+        event = self._sent.setdefault(route, torch.cuda.Event())
+        event.record(self.comm)
+
+    def close_remote(self, remote):
+        for handle, _ in remote.token:
+            self.C.ipc_close(handle, self.device)
+
+    def free(self, memory):
+        torch.cuda.synchronize(self.device)  # this rank's last copies out of the slots are done
+        memory.data = None
+
+
+_KEPT_COUNTERS = []  # a few bytes per mailbox, for the process's life
+
+
+def _aligned(n):
+    return -(-n // 256) * 256
+
+
+def _alive(pid):
+    """Whether process `pid` runs (a killed child its parent has not reaped yet is a zombie)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True

@@ -1,0 +1,124 @@
+"""The mailbox protocol (engine/mailbox.py) between two processes, with delays put in
+on purpose: every message arrives whole and in order, and the same test with one of
+the protocol's waits removed finds the race. On the CPU over shared memory; on a GPU
+over CUDA IPC (two processes on one GPU) with the delays on the streams."""
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from asyncdiff_rt.engine.mailbox import SLOTS, Mailbox, Route, reached
+
+WORKER = Path(__file__).with_name("mailbox_worker.py")
+
+
+def _run(tmp_path, *args):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args],
+                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
+    logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    return [json.loads((tmp_path / f"rank{r}.json").read_text())["wrong"] for r in (0, 1)]
+
+
+@pytest.mark.distributed
+def test_every_message_arrives_whole_over_shared_memory(tmp_path):
+    assert _run(tmp_path) == [[], []]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("unsafe", ["free", "ready"])
+def test_the_test_finds_a_missing_wait(tmp_path, unsafe):
+    """Without the free wait a fast sender overwrites slots not yet copied out; without
+    the ready wait a fast receiver copies a slot before its message lands."""
+    wrong = _run(tmp_path, "--unsafe", unsafe)
+    assert wrong[0] or wrong[1], "the race went unnoticed"
+
+
+@pytest.mark.gpu
+@pytest.mark.distributed
+@pytest.mark.parametrize("unsafe", [None, "free", "ready"])
+def test_cuda_ipc_between_two_processes_on_one_gpu(tmp_path, unsafe):
+    if not torch.cuda.is_available():
+        pytest.skip("needs a GPU")
+    pytest.importorskip("asyncdiff_rt._C")
+    wrong = _run(tmp_path, "--cuda", *(["--unsafe", unsafe] if unsafe else []))
+    if unsafe is None:
+        assert wrong == [[], []]
+    else:
+        assert wrong[0] or wrong[1], "the race went unnoticed"
+
+
+def test_counters_wrap():
+    assert reached(5, 5) and reached(6, 5) and not reached(4, 5)
+    assert reached(3, 0xFFFFFFFE) and not reached(0xFFFFFFFE, 3)  # 3 comes after the wrap
+    assert reached(0, (1 - SLOTS) & 0xFFFFFFFF)  # the first send waits for nothing
+
+
+class _Recorder:
+    """Links that record what the protocol does, in one process."""
+
+    def __init__(self):
+        self.log = []
+
+    def alloc(self, slot_bytes, n_counters):
+        self.slot_bytes = slot_bytes
+        return type("M", (), {"token": ("mine",), "counters": [0] * n_counters})()
+
+    def open(self, token, peer):
+        return token
+
+    def sending(self):
+        return contextlib.nullcontext()
+
+    receiving = sending
+
+    def wait(self, memory, index, target, peer, what):
+        self.log.append(("wait", index, target))
+
+    def copy_to(self, remote, offset, buffer):
+        self.log.append(("copy_to", offset))
+
+    def copy_from(self, memory, offset, buffer):
+        self.log.append(("copy_from", offset))
+
+    def signal(self, remote, index, value):
+        self.log.append(("signal", index, value))
+
+    def force(self, memory, index, value):
+        self.log.append(("force", index, value))
+
+    def sent(self, route):
+        pass
+
+
+def test_slots_alternate_and_counters_count():
+    """The n-th message of a route uses slot n % 2, waits for the (n - 2)-th to be freed,
+    and a release lets every wait pass."""
+    out, into = Route(0, 1, ("u",), 300), Route(1, 0, ("v",), 100)
+    links = _Recorder()
+    box = Mailbox(0, [out, into], links)
+    assert links.slot_bytes == 2 * 256  # two aligned slots for the one incoming route
+    box.connect({1: {"token": ("theirs",), "routes": {out: (7, [0, 512]), into: (3, None)}}})
+    for _ in range(3):
+        box.send(out, torch.zeros(300, dtype=torch.uint8))
+    sends = [e for e in links.log if e[0] != "wait" or e[1] == 1]
+    assert sends == [("wait", 1, 0xFFFFFFFF), ("copy_to", 512), ("signal", 7, 1),
+                     ("wait", 1, 0), ("copy_to", 0), ("signal", 7, 2),
+                     ("wait", 1, 1), ("copy_to", 512), ("signal", 7, 3)]
+    links.log.clear()
+    box.receive(into, torch.zeros(100, dtype=torch.uint8))
+    assert links.log == [("wait", 0, 1), ("copy_from", 256), ("signal", 3, 1)]
+    links.log.clear()
+    box.release()
+    assert sorted(links.log) == [("force", 0, 1 + (1 << 20)), ("force", 1, 3 + (1 << 20))]
