@@ -4,7 +4,7 @@ torchrun's environment variables, or by torchrun itself).
     python tests/distributed_worker.py OUT N S STEPS [--inject raise|kill|hang --at-rank R --at-call C]
                                        [--steps-at-rank STEPS --at-rank R]
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
-                                       [--transport NAME] [--interrupt-after K]
+                                       [--transport NAME] [--same-gpu] [--interrupt-after K]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
 OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised).
@@ -40,6 +40,10 @@ def main():
     p.add_argument("--timeout", type=float, default=30.0)
     p.add_argument("--cuda", action="store_true", help="each rank on GPU LOCAL_RANK (NCCL)")
     p.add_argument("--transport", default=None)
+    p.add_argument("--same-gpu", action="store_true",
+                   help="every rank on cuda:0, a gloo group (NCCL refuses two ranks on one GPU): for ipc")
+    p.add_argument("--interrupt-after", type=int, default=None,
+                   help="first a generation that stops calling the denoiser after this step")
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -47,10 +51,14 @@ def main():
     from asyncdiff_rt import parallelize
     from asyncdiff_rt.models.tiny_t2i import load_tiny
 
-    pipe = load_tiny(device=f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if args.cuda else None)
+    gpu = 0 if args.same_gpu else os.environ.get("LOCAL_RANK", 0)
+    pipe = load_tiny(device=f"cuda:{gpu}" if args.cuda else None)
     if args.inject and rank == args.at_rank:
         _inject(pipe.unet.time_embedding, args.inject, args.at_call)
     group = None
+    if args.same_gpu:
+        dist.init_process_group("gloo")
+        group = dist.group.WORLD
     if args.group is not None:
         dist.init_process_group("gloo")
         members = [int(r) for r in args.group.split(",")]
@@ -65,6 +73,8 @@ def main():
                              executor="distributed", process_group=group, timeout=args.timeout,
                              transport=args.transport)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
+        if args.interrupt_after is not None:
+            _interrupted_generation(pipe, steps, args.interrupt_after)
         images = pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images
         torch.save(images.cpu(), out / f"rank{rank}.pt")
@@ -75,6 +85,31 @@ def main():
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if group is not None:
         _world_check(out, rank)
+
+
+def _interrupted_generation(pipe, steps, last):
+    """A generation whose pipeline stops calling the denoiser after step `last`, as
+    diffusers' pipelines do once a callback sets `interrupt`."""
+    denoiser = pipe.unet
+
+    class Stopping:
+        calls, out = 0, None
+
+        def __getattr__(self, name):
+            return getattr(denoiser, name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls <= last + 1:
+                self.out = denoiser(*args, **kwargs)
+                return self.out
+            return (torch.zeros_like(self.out[0]),)
+
+    pipe.__dict__["unet"] = Stopping()
+    try:
+        pipe(PROMPTS, num_inference_steps=steps, output_type="pt")
+    finally:
+        pipe.__dict__["unet"] = denoiser
 
 
 def _inject(module, how, at_call):

@@ -2,7 +2,7 @@
 environment variables): two ranks, a route each way, MESSAGES numbered messages per
 route, each a buffer filled with its number.
 
-    python tests/mailbox_worker.py OUT [--cuda] [--unsafe free|ready]
+    python tests/mailbox_worker.py OUT [--cuda] [--unsafe free|ready] [--stop kill|fail --after M]
 
 Rank 0 sends all its messages, then receives rank 1's; rank 1 receives, then sends, so
 a sender can run ahead of its receiver by as much as the protocol lets it. The first
@@ -12,13 +12,17 @@ delays on both sides. On a GPU the delays are `torch.cuda._sleep` on the streams
 hosts never wait), and the receiver checks every message after the last.
 
 `--unsafe` removes one of the protocol's waits, to show that the test catches the race.
-Writes OUT/rank<r>.json: the message numbers that arrived wrong.
+`--stop` makes rank 0 die (SIGKILL) or report a failure, then sleep, after M sends.
+Writes OUT/rank<r>.json: the message numbers that arrived wrong, or the error raised
+and the seconds from the last message to it.
 """
 import argparse
 import json
 import os
 import random
+import signal
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -39,10 +43,13 @@ def main():
     p.add_argument("out")
     p.add_argument("--cuda", action="store_true")
     p.add_argument("--unsafe", choices=("free", "ready"))
+    p.add_argument("--stop", choices=("kill", "fail"))
+    p.add_argument("--after", type=int, default=5)
     args = p.parse_args()
     dist.init_process_group("gloo")
     rank, peer = dist.get_rank(), 1 - dist.get_rank()
     peers = Peers(dist.group.WORLD, timeout_s=30)
+    peers.clear_failures()
     device = torch.device("cuda:0" if args.cuda else "cpu")
     pids = {r: pid for r, pid in peers.exchange_objects({peer: os.getpid()}, "pids", "cpu").items()}
     links = CudaIpcLinks(device, {peer: 0}) if args.cuda else SharedMemoryLinks(peers, pids)
@@ -51,18 +58,23 @@ def main():
         _remove_wait(mailbox, args.unsafe)
     mailbox.connect(peers.exchange_objects({peer: mailbox.export_for(peer)}, "exports", "cpu"))
     out_route, in_route = ROUTES[rank], ROUTES[peer]
-    wrong = []
+    record = {"wrong": []}
     if rank == 0:
-        _send_all(mailbox, out_route, device, rank)
-        wrong = _receive_all(mailbox, in_route, device, rank)
+        _send_all(mailbox, out_route, device, rank, args.stop and (args.stop, args.after, peers))
+        record["wrong"] = _receive_all(mailbox, in_route, device, rank)
     else:
-        wrong = _receive_all(mailbox, in_route, device, rank)
+        try:
+            record["wrong"] = _receive_all(mailbox, in_route, device, rank)
+        except Exception as e:
+            record.update(error=str(e), type=type(e).__name__, seconds=time.monotonic() - _LAST[0])
+            (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
+            return
         _send_all(mailbox, out_route, device, rank)
     if args.cuda:
         torch.cuda.synchronize()
     peers.exchange_objects({peer: "done"}, "finishing", "cpu")  # neither closes while the other copies
     mailbox.close()
-    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({"wrong": wrong}))
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
 
 
 def _delay(device, seconds):
@@ -83,9 +95,19 @@ def _slow(side, m, rank):
     return random.Random(f"{rank} {side} {m}").random() < 0.3
 
 
-def _send_all(mailbox, route, device, rank):
+_LAST = [0.0]  # when the last message arrived
+
+
+def _send_all(mailbox, route, device, rank, stop=None):
     buffer = torch.empty(route.nbytes, dtype=torch.uint8, device=device)
     for m in range(1, MESSAGES + 1):
+        if stop and m > stop[1]:
+            how, _, peers = stop
+            if how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            peers.fail(RuntimeError("injected failure"))
+            time.sleep(3)  # alive meanwhile: the peer must learn it from the record
+            os._exit(0)
         mailbox.before_pack(route)
         if _slow("sender", m, rank):
             _delay(device, DELAY_S)
@@ -99,6 +121,7 @@ def _receive_all(mailbox, route, device, rank):
         if _slow("receiver", m, rank):
             _delay(device, DELAY_S)
         mailbox.receive(route, buffers[m - 1])
+        _LAST[0] = time.monotonic()
     if device.type == "cuda":
         torch.cuda.synchronize()
     return [m for m in range(1, MESSAGES + 1) if not bool((buffers[m - 1] == m).all())]

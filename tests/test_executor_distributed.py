@@ -90,6 +90,19 @@ def test_equals_the_reference_bit_for_bit(tmp_path, n, s):
     assert all(st["weight_bytes_this_rank"] < whole for st in stats)
 
 
+@pytest.mark.parametrize("transport", ["shm", "gloo"])
+def test_a_generation_cut_short_leaves_no_message_behind(tmp_path, transport):
+    """A generation whose pipeline stops calling the denoiser early (diffusers' interrupt)
+    leaves sent messages unreceived; the next generation must not read them as its own.
+    Over shared memory (mailboxes: static slots and counters) and gloo."""
+    results, _ = launch(tmp_path, 3, 2, 2, STEPS, "--transport", transport, "--interrupt-after", 3)
+    _ok(results)
+    expected = reference_images(2, 2)
+    for rank in results:
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected), f"rank {rank} differs"
+        assert results[rank][1]["stats"]["transport"] == transport
+
+
 def test_inside_a_group_of_a_bigger_world(tmp_path):
     """The host-framework case: a 4-rank world, the program on ranks 1 and 2 only."""
     results, _ = launch(tmp_path, 4, 2, 1, STEPS, "--group", "1,2")
@@ -132,14 +145,17 @@ def test_ranks_that_run_different_generations_all_stop(tmp_path):
         assert f"steps: {STEPS + 2} vs {STEPS}" in record["error"]
 
 
-@pytest.mark.parametrize("how,victim", [("kill", 1), ("raise", 1), ("hang", 0)])
-def test_a_failing_rank_stops_the_others(tmp_path, how, victim):
+@pytest.mark.parametrize("how,victim,transport", [("kill", 1, "gloo"), ("raise", 1, "gloo"), ("hang", 0, "gloo"),
+                                                  ("kill", 1, "shm"), ("hang", 0, "shm")])
+def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
     """A rank killed with SIGKILL, raising, or hanging mid-generation: every other rank
     raises within the timeout, naming the rank and what happened (directly, or through
-    the cause the first rank to notice recorded)."""
+    the cause the first rank to notice recorded). Shared-memory waits notice a dead
+    peer's process and time out like the group's."""
     timeout = 4.0
     results, _ = launch(tmp_path, 3, 2, 2, STEPS, "--inject", how, "--at-rank", victim, "--at-call", 4,
-                        "--timeout", timeout, timeout=90, hung=victim if how == "hang" else None)
+                        "--timeout", timeout, "--transport", transport, timeout=90,
+                        hung=victim if how == "hang" else None)
     expected = {"kill": f"rank {victim} closed its connection",
                 "raise": f"rank {victim} failed at step",
                 "hang": f"rank {victim} sent nothing for {timeout:g} s"}[how]

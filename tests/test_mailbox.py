@@ -18,7 +18,7 @@ from asyncdiff_rt.engine.mailbox import SLOTS, Mailbox, Route, reached
 WORKER = Path(__file__).with_name("mailbox_worker.py")
 
 
-def _run(tmp_path, *args):
+def _run(tmp_path, *args, codes=(0, 0)):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -27,13 +27,31 @@ def _run(tmp_path, *args):
                                    "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
-    return [json.loads((tmp_path / f"rank{r}.json").read_text())["wrong"] for r in (0, 1)]
+    assert tuple(p.returncode for p in procs) == codes, logs
+    return [json.loads(path.read_text()) for path in (tmp_path / "rank0.json", tmp_path / "rank1.json")
+            if path.exists()]
+
+
+def _wrong(records):
+    return [record["wrong"] for record in records]
 
 
 @pytest.mark.distributed
 def test_every_message_arrives_whole_over_shared_memory(tmp_path):
-    assert _run(tmp_path) == [[], []]
+    assert _wrong(_run(tmp_path)) == [[], []]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stop", ["kill", "fail"])
+def test_a_waiting_receiver_learns_its_sender_stopped(tmp_path, stop):
+    """The sender dies (SIGKILL) or reports a failure mid-stream; the receiver, polling
+    shared memory with a 30 s timeout, raises at once, naming the sender and the cause."""
+    records = _run(tmp_path, "--stop", stop, "--after", "5", codes=(-9 if stop == "kill" else 0, 0))
+    receiver = records[-1]
+    assert receiver["type"] == "PeerFailure" and receiver["wrong"] == [], receiver
+    assert receiver["seconds"] < 2.0, receiver  # not the timeout
+    expected = "rank 0 closed its connection" if stop == "kill" else "rank 0 failed at step None: RuntimeError"
+    assert expected in receiver["error"], receiver["error"]
 
 
 @pytest.mark.distributed
@@ -41,7 +59,7 @@ def test_every_message_arrives_whole_over_shared_memory(tmp_path):
 def test_the_test_finds_a_missing_wait(tmp_path, unsafe):
     """Without the free wait a fast sender overwrites slots not yet copied out; without
     the ready wait a fast receiver copies a slot before its message lands."""
-    wrong = _run(tmp_path, "--unsafe", unsafe)
+    wrong = _wrong(_run(tmp_path, "--unsafe", unsafe))
     assert wrong[0] or wrong[1], "the race went unnoticed"
 
 
@@ -52,7 +70,7 @@ def test_cuda_ipc_between_two_processes_on_one_gpu(tmp_path, unsafe):
     if not torch.cuda.is_available():
         pytest.skip("needs a GPU")
     pytest.importorskip("asyncdiff_rt._C")
-    wrong = _run(tmp_path, "--cuda", *(["--unsafe", unsafe] if unsafe else []))
+    wrong = _wrong(_run(tmp_path, "--cuda", *(["--unsafe", unsafe] if unsafe else [])))
     if unsafe is None:
         assert wrong == [[], []]
     else:
