@@ -71,8 +71,12 @@ step backend_info 60 "$PY" -c 'import json, asyncdiff_rt.backend as b; print(jso
 # A test that hangs must not eat the budget: per-test timeout where pytest-timeout is there.
 timeout_flag=()
 "$PY" -c 'import pytest_timeout' 2> /dev/null && timeout_flag=(--timeout 45)
-step pytest_gpu 180 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider "${timeout_flag[@]}" \
+step pytest_gpu 180 "$PY" -m pytest -m "gpu and not distributed" -q -rs -p no:cacheprovider "${timeout_flag[@]}" \
   --junitxml="$RESULTS/pytest_gpu.xml"
+# Several processes on this GPU: CUDA IPC mailboxes (delays on purpose on the streams), and
+# the distributed executor over them; NCCL's tests need two GPUs and skip on one.
+step pytest_gpu_distributed 120 "$PY" -m pytest -m "gpu and distributed" -q -rs -p no:cacheprovider \
+  --junitxml="$RESULTS/pytest_gpu_distributed.xml"
 
 # The local executor's GPU tests once more under PyTorch's CUDA sanitizer, which fails
 # a kernel that touches a tensor another stream used without an event, wait or sync

@@ -47,16 +47,28 @@ def test_a_world_of_the_wrong_size_is_refused(pipe, world_of_one):
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
 
 
-def test_one_rank_is_the_sequential_denoiser(pipe, world_of_one):
+@pytest.mark.parametrize("transport", [None, "shm"])
+def test_one_rank_is_the_sequential_denoiser(pipe, world_of_one, transport):
     expected = generate(pipe)
-    handle = asyncdiff_rt.parallelize(pipe, n_components=1, warmup=1, executor="distributed")
+    handle = asyncdiff_rt.parallelize(pipe, n_components=1, warmup=1, executor="distributed", transport=transport)
     assert torch.equal(generate(pipe), expected)
     assert torch.equal(generate(pipe), expected)  # a second generation reuses this layout's buffers
     stats = handle.stats()
-    assert stats["executor"] == "distributed" and stats["transport"] == "gloo" and stats["rank"] == 0
+    assert stats["executor"] == "distributed" and stats["transport"] == (transport or "gloo") and stats["rank"] == 0
+    assert stats["transport_reason"]
     assert stats["generations"] == 2 and stats["forwards_per_device"] == [6]
     handle.remove()
     assert torch.equal(generate(pipe), expected)
+
+
+def test_transports_are_checked_before_any_work(pipe, world_of_one):
+    with pytest.raises(ValueError, match=r"transport= is for executor='distributed'"):
+        asyncdiff_rt.parallelize(pipe, transport="shm")
+    with pytest.raises(ValueError, match=r"transport='tcp': choose one of auto, nccl, ipc, gloo, shm"):
+        asyncdiff_rt.parallelize(pipe, n_components=1, executor="distributed", transport="tcp")
+    with pytest.raises(ValueError, match=r"transport='ipc' does not run on cpu devices; use one of gloo, shm"):
+        asyncdiff_rt.parallelize(pipe, n_components=1, executor="distributed", transport="ipc")
+    assert type(pipe.unet).__name__ == "UNet2DConditionModel"
 
 
 def test_measured_partition_follows_measured_times(pipe):

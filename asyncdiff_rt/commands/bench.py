@@ -47,6 +47,8 @@ def register(subparsers):
     p.add_argument("--threads", type=int, default=1, help="--distributed on the CPU: intra-op threads per process")
     p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
                    help="--distributed: prompts per generation, a comma-separated list (default 1,4)")
+    p.add_argument("--transports", type=lambda v: v.split(","), default=None,
+                   help="--distributed: transports to compare (default gloo,shm on the CPU; nccl,ipc on GPUs)")
     p.set_defaults(func=run)
 
 

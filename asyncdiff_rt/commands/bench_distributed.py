@@ -5,7 +5,9 @@ one run, under torchrun (one process per device):
 
 The shipped tiny text-to-image model, DDIM, guidance on. Rank 0 first times the plain
 pipeline alone (the others wait), then every rank runs each configuration whose device
-count is the world size (2 ranks: N=2 S=1; 3 ranks: N=3 S=1 and N=2 S=2). On the CPU
+count is the world size (2 ranks: N=2 S=1; 3 ranks: N=3 S=1 and N=2 S=2), with each
+transport of `--transports` (gloo and shared memory on the CPU, NCCL and CUDA IPC on
+GPUs, by default) and partitions auto and measured. On the CPU
 each process uses one intra-op thread (`--threads`), so 2 ranks use 2 cores against
 the baseline's one. Each row also checks that every rank returned the same images and
 that they equal the reference executor's bit for bit (CPU) or to rounding (GPU).
@@ -45,6 +47,7 @@ def run(args):
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
     steps, repeats = args.steps or 50, args.repeats or 3
+    transports = args.transports or (["nccl", "ipc"] if cuda else ["gloo", "shm"])
     pipe = load_tiny(device=device)
     card = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})"
     settings = (f"shipped tiny model (32x32, latent 16x16), guidance on (batch 2 x prompts), DDIM {steps} "
@@ -63,9 +66,11 @@ def run(args):
             baseline, _ = _timed(generate, repeats, device, cuda)
             rows.append({"row": "one process (sequential)", "prompts": prompts, "ranks": 1, "latency_ms": baseline})
         dist.barrier()
-        for (n, s), partition in [(p, part) for p in PAIRS if p[0] + p[1] - 1 == world for part in PARTITIONS]:
+        configurations = [(p, part, t) for p in PAIRS if p[0] + p[1] - 1 == world for part in PARTITIONS
+                          for t in transports]
+        for (n, s), partition, transport in configurations:
             handle = parallelize(pipe, n_components=n, stride=s, warmup=args.warmup, executor="distributed",
-                                 partition=partition)
+                                 partition=partition, transport=transport)
             latency, images = _timed(generate, repeats, device, cuda, before=dist.barrier)
             latency = _max_over_ranks(latency, device)
             stats = handle.stats()

@@ -230,7 +230,10 @@ class DistributedExecutor:
         self._program, self._posted = None, {}
         for wires in self._every_wires():
             if wires.mailbox is not None:
-                wires.mailbox.release()
+                try:
+                    wires.mailbox.release()
+                except Exception:  # the failure being raised matters more
+                    log.warning("could not release rank %s's message counters", self.rank, exc_info=True)
 
     def _every_wires(self):
         return [*self._layouts.values(), *([self._loose] if self._loose is not None else [])]
@@ -459,6 +462,7 @@ class DistributedExecutor:
             self._emitted = self._previous
             return
         host, peers, device = program.host, self.peers, self._wire_device()
+        self._settled(k)
         if self.rank == host:
             if ins.source == "forward":
                 out = self._outputs[ins.device]
@@ -474,6 +478,20 @@ class DistributedExecutor:
             received = self._receive_tree(self._out_skeleton, host, what)
             self._emitted = _moved(received, self._call.latent.device)
 
+    def _settled(self, k):
+        """ipc with a gloo group (ranks sharing a GPU): wait for this rank's stream within
+        the timeout. It may wait on a peer's counter, and the host copies below (or the
+        pipeline's) would otherwise block forever on a peer that died. NCCL's own waits
+        are polled, so an NCCL group needs none."""
+        mailbox = self._wires.mailbox if self._wires is not None else None
+        if mailbox is None or not mailbox.peers() or self.device.type != "cuda" or self.peers.backend == "nccl":
+            return
+        event = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(self.device))
+        watched = mailbox.peers()
+        self.peers.wait_until(event.query, watched[0], f"waiting for step {k}'s messages on this rank's GPU",
+                              alive=lambda: all(self._links.alive(p) for p in watched))
+
     # ---------------------------------------------------------------- reporting
     def weights_per_device(self):
         """Bytes of weights this rank holds, at its index (None for the other ranks)."""
@@ -484,7 +502,7 @@ class DistributedExecutor:
     def close(self):
         """Peers may still run: drain what they sent here, and keep (links.py) the
         counters they may yet write."""
-        if self._program is not None or self._posted:
+        if self._posted:
             try:
                 self._drain()
             except PeerFailure:

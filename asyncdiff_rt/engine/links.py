@@ -77,7 +77,10 @@ class SharedMemoryLinks:
         counters = memory.counters
         if not reached(int(counters[index]), target):
             self.peers.wait_until(lambda: reached(int(counters[index]), target), peer, what,
-                                  alive=lambda: _alive(self.pids[peer]))
+                                  alive=lambda: self.alive(peer))
+
+    def alive(self, peer):
+        return _alive(self.pids[peer])
 
     def copy_to(self, remote, offset, buffer):
         remote.data[offset:offset + buffer.numel()].copy_(buffer)
@@ -115,11 +118,12 @@ class SharedMemoryLinks:
 class CudaIpcLinks:
     kind = "ipc"
 
-    def __init__(self, device, peer_devices):
+    def __init__(self, device, peer_devices, pids):
         from .. import _C
 
         self.C, self.device = _C, device.index
         self.peer_devices = peer_devices  # rank -> that rank's GPU as numbered in this process
+        self.pids = pids
         self.comm = torch.cuda.Stream(device)
         self._sent = {}  # route -> event after its last copy (its buffer may be packed again after it)
 
@@ -172,6 +176,9 @@ class CudaIpcLinks:
     def force(self, memory, index, value):
         side = torch.cuda.Stream(self.device)  # not behind any wait this rank's streams are stuck on
         self.C.signal_write(side.cuda_stream, memory.counters + 4 * index, value & 0xFFFFFFFF, self.device)
+
+    def alive(self, peer):
+        return _alive(self.pids[peer])
 
     def reuse(self, route):
         event = self._sent.get(route)

@@ -86,7 +86,7 @@ def choose_transport(peers, device, requested):
     numbering = _device_numbering()
     peer_devices = {rank: numbering[f["bus"]] for rank, f in everyone.items()}
     return Transport("ipc", "asked for; every rank maps its peers' GPU memory",
-                     lambda: CudaIpcLinks(device, peer_devices))
+                     lambda: CudaIpcLinks(device, peer_devices, pids))
 
 
 def _facts(device):
