@@ -51,7 +51,7 @@ class Mailbox:
         self.memory = links.alloc(offset, len(counters))
         self._sent = {route: 0 for route in self.outgoing}
         self._received = {route: 0 for route in self.incoming}
-        self._peers = {}  # rank -> (its opened memory, its export)
+        self._mapped = {}  # rank -> (its memory mapped here, {route: (counter index, slot offsets)})
 
     def export_for(self, peer):
         """What `peer` needs to write into this rank's memory: its token, and per route
@@ -66,13 +66,14 @@ class Mailbox:
     def connect(self, exports):
         """Open every peer's memory ({rank: its export_for(this rank)})."""
         for peer in self.peers():
-            self._peers[peer] = (self.links.open(exports[peer]["token"], peer), exports[peer]["routes"])
+            self._mapped[peer] = (self.links.open(exports[peer]["token"], peer), exports[peer]["routes"])
 
     # ---------------------------------------------------------------- the protocol
     def send(self, route, buffer):
         """Deliver `buffer` (this rank's packed message for `route`) into the receiver's slot."""
+        _check_size(route, buffer)
         n = _next(self._sent[route])
-        remote, routes = self._peers[route.dst]
+        remote, routes = self._mapped[route.dst]
         counter, slots = routes[route]
         with self.links.sending():
             self.links.wait(self.memory, self._counter[route], (n - SLOTS) & MASK, route.dst,
@@ -84,8 +85,9 @@ class Mailbox:
 
     def receive(self, route, buffer):
         """Copy `route`'s next message into `buffer`, then free its slot for the sender."""
+        _check_size(route, buffer)
         n = _next(self._received[route])
-        remote, routes = self._peers[route.src]
+        remote, routes = self._mapped[route.src]
         with self.links.receiving():
             self.links.wait(self.memory, self._counter[route], n, route.src,
                             f"receiving rank {route.src}'s cached outputs")
@@ -105,15 +107,21 @@ class Mailbox:
             self.links.force(self.memory, self._counter[route], count + RELEASE_MARGIN)
 
     def close(self):
-        for remote, _ in self._peers.values():
+        for remote, _ in self._mapped.values():
             self.links.close_remote(remote)
-        self._peers.clear()
+        self._mapped.clear()
         self.links.free(self.memory)
 
 
 def reached(value, target):
     """Whether wrapping 32-bit counter `value` has reached `target`."""
     return ((value - target) & MASK) < 0x80000000
+
+
+def _check_size(route, buffer):
+    if buffer.numel() * buffer.element_size() != route.nbytes:
+        raise ValueError(f"a message of {buffer.numel() * buffer.element_size()} bytes for a route of "
+                         f"{route.nbytes} (rank {route.src} to {route.dst}, {route.units})")
 
 
 def _next(n):
