@@ -1,12 +1,14 @@
 """The memory, copies and counters that carry mailbox.py's protocol between the
 processes of one node.
 
-`CudaIpcLinks` (GPUs): each rank's slots and counters are one device allocation that
-its peers map through CUDA IPC handles. A send runs on a communication stream: wait
-for the packed message, wait on the free counter, copy-engine copy into the peer's
-slot, then write the peer's ready counter (cuStreamWriteValue32: after the copy). A
-receive runs on the rank's current stream: wait on the ready counter (flushing remote
-writes), copy the slot out, write the peer's free counter. No host waits anywhere.
+`CudaIpcLinks` (GPUs): each rank's slots and its counters are device allocations that
+its peers map through CUDA IPC handles. A send runs on a stream of its own: wait for the
+packed message, wait on the free counter, copy-engine copy into the peer's slot, then
+write the peer's ready counter (cuStreamWriteValue32: fenced after the copy). A receive
+runs on another, between the current stream's work before and after it: wait on the
+ready counter (flushing remote writes where the GPU can), copy the slot out, write the
+peer's free counter. No host waits anywhere. Every operation names its stream: the
+extension would take handle 0 as the legacy stream of whichever device it checks.
 
 `SharedMemoryLinks` (CPU): POSIX shared memory; waits poll the counter on the host,
 bounded by the timeout, and notice a peer that died or reported a failure.
@@ -124,7 +126,8 @@ class CudaIpcLinks:
         self.C, self.device = _C, device.index
         self.peer_devices = peer_devices  # rank -> that rank's GPU as numbered in this process
         self.pids = pids
-        self.comm = torch.cuda.Stream(device)
+        self.comm, self.recv = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self._flush = True  # CU_STREAM_WAIT_VALUE_FLUSH, until the GPU says it cannot
         self._sent = {}  # route -> event after its last copy (its buffer may be packed again after it)
 
     def alloc(self, slot_bytes, n_counters):
@@ -154,14 +157,26 @@ class CudaIpcLinks:
 
     @contextlib.contextmanager
     def receiving(self):
-        yield  # on the current stream: the forward that reads the buffer follows it
+        """Receives run after the current stream's work, and the current stream's later
+        work (the forward that reads the buffer) after them."""
+        current = torch.cuda.current_stream(self.device)
+        self.recv.wait_stream(current)
+        with torch.cuda.stream(self.recv):
+            yield
+        current.wait_stream(self.recv)
 
     def _stream(self):
         return torch.cuda.current_stream(self.device).cuda_stream
 
     def wait(self, memory, index, target, peer, what):
-        self.C.signal_wait(self._stream(), memory.counters + 4 * index, target & 0xFFFFFFFF, self.device,
-                           mode="geq", flush=True)
+        while True:
+            try:
+                return self.C.signal_wait(self._stream(), memory.counters + 4 * index, target & 0xFFFFFFFF,
+                                          self.device, mode="geq", flush=self._flush)
+            except self.C.CudaError:  # no remote-write flush on this GPU: the writer's fence orders
+                if not self._flush:
+                    raise
+                self._flush = False
 
     def copy_to(self, remote, offset, buffer):
         self.C.copy_batch([(remote.ptr + offset, remote.device, buffer.data_ptr(), self.device,

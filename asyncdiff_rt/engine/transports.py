@@ -128,9 +128,11 @@ def _ipc_unusable(peers, device, everyone, wire):
             except Exception as e:
                 mine = f"rank {peers.rank} cannot map rank {rank}'s GPU memory ({e})"
                 break
-    verdicts = {peers.rank: mine, **peers.exchange_objects(
-        {p: mine for p in range(peers.size) if p != peers.rank}, "comparing what CUDA IPC can map", wire)}
-    _PROBES.clear()
+    try:
+        verdicts = {peers.rank: mine, **peers.exchange_objects(
+            {p: mine for p in range(peers.size) if p != peers.rank}, "comparing what CUDA IPC can map", wire)}
+    finally:
+        _PROBES.clear()
     return next((v for _, v in sorted(verdicts.items()) if v), None)
 
 
