@@ -15,8 +15,8 @@ unit's output once (and sizes its buffers from them); each commit stays with its
 Transports of the per-step messages (transports.py): NCCL between GPUs (every exchange
 is one batch of point-to-point operations) or, on one node, CUDA IPC mailboxes; gloo on
 the CPU or shared-memory mailboxes (mailbox.py). On a GPU, forwards replay CUDA graphs
-per rank, on a stream of the rank's own. Failures (peers.py): a rank that raises, dies or hangs makes
-every other rank raise within the timeout, with a message naming it.
+per rank, on a stream of the rank's own. Failures (peers.py): a rank that raises, dies
+or hangs makes every other rank raise within the timeout, with a message naming it.
 """
 import logging
 from collections import OrderedDict

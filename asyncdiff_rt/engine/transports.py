@@ -57,7 +57,7 @@ def choose_transport(peers, device, requested):
     backend, kind = peers.backend, device.type
     requested = check_transport(requested, kind)
     wire = "cpu" if backend == "gloo" else device
-    facts = _facts(device)
+    facts = _facts(device, probe=requested == "ipc")
     everyone = {peers.rank: facts, **peers.exchange_objects(
         {p: facts for p in range(peers.size) if p != peers.rank}, "comparing the ranks' machines", wire)}
     hosts = {(f["host"], f["boot"]) for f in everyone.values()}
@@ -89,10 +89,12 @@ def choose_transport(peers, device, requested):
                      lambda: CudaIpcLinks(device, peer_devices, pids))
 
 
-def _facts(device):
+def _facts(device, probe):
+    """This rank's machine and process; with `probe`, its GPU and a buffer for the peers
+    to try mapping."""
     facts = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "bus": None, "probe": None,
              "ipc": None}
-    if device.type == "cuda":
+    if probe:
         try:
             from .. import _C
 
