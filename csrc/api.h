@@ -63,8 +63,11 @@ std::string event_ipc_export(uint64_t event);
 uint64_t event_ipc_open(const std::string& handle, int64_t device);
 
 // ---- signals.cpp
-void signal_write(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device);
-void signal_wait(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device, const std::string& mode, bool flush);
+// check_pointer=false skips the driver lookup that the flag lives on `device`: for a peer's
+// flag mapped through IPC (the lookup would make the peer's GPU current here).
+void signal_write(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device, bool check_pointer = true);
+void signal_wait(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device, const std::string& mode, bool flush,
+                 bool check_pointer = true);
 
 // ---- green_ctx.cpp
 class SmPartition {

@@ -109,9 +109,10 @@ PYBIND11_MODULE(_C, m) {
 
   // stream-ordered signals
   m.def("signal_write", &adrt::signal_write, py::arg("stream"), py::arg("ptr"), py::arg("value"), py::arg("device"),
+        py::arg("check_pointer") = true,
         "When `stream` reaches this point, store the 32-bit `value` at device address `ptr` (after prior work).");
   m.def("signal_wait", &adrt::signal_wait, py::arg("stream"), py::arg("ptr"), py::arg("value"), py::arg("device"),
-        py::arg("mode") = "geq", py::arg("flush") = false,
+        py::arg("mode") = "geq", py::arg("flush") = false, py::arg("check_pointer") = true,
         "Make `stream` wait until *ptr compares to `value` by `mode` (geq, eq, and, nor).");
 
   // SM partitions

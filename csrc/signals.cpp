@@ -31,28 +31,29 @@ unsigned wait_flags(const std::string& mode, bool flush) {
 
 // Checks the flag, then runs `issue` with the stream's context current.
 template <typename Issue>
-void on_flag_stream(uint64_t stream, uint64_t ptr, int64_t device, const char* name, Issue issue) {
+void on_flag_stream(uint64_t stream, uint64_t ptr, int64_t device, bool check_pointer, const char* name,
+                    Issue issue) {
   check_device_exists(device, name);
-  check_device_range(ptr, 4, device, (std::string(name) + " flag").c_str());
+  if (check_pointer) check_device_range(ptr, 4, device, (std::string(name) + " flag").c_str());
   std::optional<DeviceGuard> current;  // stream 0 is the current device's: make it the flag's
   if (stream == 0) current.emplace(static_cast<int>(device));
   StreamGuard guard(stream);
   issue(reinterpret_cast<CUstream>(stream), static_cast<CUdeviceptr>(ptr));
 }
 
-void signal_write(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device) {
+void signal_write(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device, bool check_pointer) {
   check_flag(ptr, device, "signal_write");
-  on_flag_stream(stream, ptr, device, "signal_write", [&](CUstream s, CUdeviceptr flag) {
+  on_flag_stream(stream, ptr, device, check_pointer, "signal_write", [&](CUstream s, CUdeviceptr flag) {
     // Default flags: prior work on the stream is visible before the flag is.
     ADRT_CU(ADRT_DRIVER(cuStreamWriteValue32, 11070)(s, flag, value, CU_STREAM_WRITE_VALUE_DEFAULT));
   });
 }
 
 void signal_wait(uint64_t stream, uint64_t ptr, uint32_t value, int64_t device, const std::string& mode,
-                 bool flush) {
+                 bool flush, bool check_pointer) {
   check_flag(ptr, device, "signal_wait");
   const unsigned flags = wait_flags(mode, flush);
-  on_flag_stream(stream, ptr, device, "signal_wait", [&](CUstream s, CUdeviceptr flag) {
+  on_flag_stream(stream, ptr, device, check_pointer, "signal_wait", [&](CUstream s, CUdeviceptr flag) {
     ADRT_CU(ADRT_DRIVER(cuStreamWaitValue32, 11070)(s, flag, value, flags));
   });
 }

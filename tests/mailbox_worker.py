@@ -52,7 +52,7 @@ def main():
     peers.clear_failures()
     device = torch.device("cuda:0" if args.cuda else "cpu")
     pids = {r: pid for r, pid in peers.exchange_objects({peer: os.getpid()}, "pids", "cpu").items()}
-    links = CudaIpcLinks(device, {peer: 0}, pids) if args.cuda else SharedMemoryLinks(peers, pids)
+    links = CudaIpcLinks(device, pids) if args.cuda else SharedMemoryLinks(peers, pids)
     mailbox = Mailbox(rank, ROUTES, links)
     if args.unsafe:
         _remove_wait(mailbox, args.unsafe)

@@ -32,8 +32,7 @@ class _Memory:
     data: torch.Tensor = None  # the bytes (None for a peer's device memory)
     counters: object = None  # the counters: an array (shared memory) or an address (device)
     shm: shared_memory.SharedMemory = None
-    ptr: int = 0  # device memory: the slots' address here
-    device: int = 0  # device memory: the GPU it lives on, as numbered in this process
+    ptr: int = 0  # device memory: the slots' address in this GPU's address space
 
 
 class SharedMemoryLinks:
@@ -120,12 +119,10 @@ class SharedMemoryLinks:
 class CudaIpcLinks:
     kind = "ipc"
 
-    def __init__(self, device, peer_devices, pids):
+    def __init__(self, device, pids):
         from .. import _C
 
-        self.C, self.device = _C, device.index
-        self.peer_devices = peer_devices  # rank -> that rank's GPU as numbered in this process
-        self.pids = pids
+        self.C, self.device, self.pids = _C, device.index, pids
         self.comm, self.recv = torch.cuda.Stream(device), torch.cuda.Stream(device)
         self._flush = True  # CU_STREAM_WAIT_VALUE_FLUSH, until the GPU says it cannot
         self._sent = {}  # route -> event after its last copy (its buffer may be packed again after it)
@@ -139,13 +136,14 @@ class CudaIpcLinks:
         _KEPT_COUNTERS.append(counters)
         torch.cuda.synchronize(self.device)  # zeroed before any peer maps it
         token = (self.C.ipc_export(data.data_ptr(), self.device), self.C.ipc_export(counters.data_ptr(), self.device))
-        return _Memory(token, data=data, ptr=data.data_ptr(), counters=counters.data_ptr(), device=self.device)
+        return _Memory(token, data=data, ptr=data.data_ptr(), counters=counters.data_ptr())
 
     def open(self, token, peer):
         (slots, slot_offset), (counters, counter_offset) = token
+        # Mapped into this GPU's address space (peer access enabled as needed): copies and
+        # signals address it as this GPU's, with no context on the peer's.
         return _Memory(token, ptr=self.C.ipc_open(slots, slot_offset, self.device),
-                       counters=self.C.ipc_open(counters, counter_offset, self.device),
-                       device=self.peer_devices[peer])
+                       counters=self.C.ipc_open(counters, counter_offset, self.device))
 
     @contextlib.contextmanager
     def sending(self):
@@ -179,14 +177,16 @@ class CudaIpcLinks:
                 self._flush = False
 
     def copy_to(self, remote, offset, buffer):
-        self.C.copy_batch([(remote.ptr + offset, remote.device, buffer.data_ptr(), self.device,
-                            buffer.numel())], self._stream(), check_pointers=False)
+        self.C.copy_batch([(remote.ptr + offset, self.device, buffer.data_ptr(), self.device, buffer.numel())],
+                          self._stream(), check_pointers=False)
 
     def copy_from(self, memory, offset, buffer):
         buffer.copy_(memory.data[offset:offset + buffer.numel()], non_blocking=True)
 
     def signal(self, remote, index, value):
-        self.C.signal_write(self._stream(), remote.counters + 4 * index, value & 0xFFFFFFFF, remote.device)
+        # A peer's flag: no pointer lookup (it would report the peer's GPU and make it current).
+        self.C.signal_write(self._stream(), remote.counters + 4 * index, value & 0xFFFFFFFF, self.device,
+                            check_pointer=False)
 
     def force(self, memory, index, value):
         side = torch.cuda.Stream(self.device)  # not behind any wait this rank's streams are stuck on

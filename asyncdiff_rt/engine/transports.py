@@ -83,22 +83,17 @@ def choose_transport(peers, device, requested):
     why = off_node or _ipc_unusable(peers, device, everyone, wire)
     if why:
         raise ValueError(f"transport='ipc' cannot run: {why}; use transport='nccl'")
-    numbering = _device_numbering()
-    peer_devices = {rank: numbering[f["bus"]] for rank, f in everyone.items()}
-    return Transport("ipc", "asked for; every rank maps its peers' GPU memory",
-                     lambda: CudaIpcLinks(device, peer_devices, pids))
+    return Transport("ipc", "asked for; every rank maps its peers' GPU memory", lambda: CudaIpcLinks(device, pids))
 
 
 def _facts(device, probe):
     """This rank's machine and process; with `probe`, its GPU and a buffer for the peers
     to try mapping."""
-    facts = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "bus": None, "probe": None,
-             "ipc": None}
+    facts = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "probe": None, "ipc": None}
     if probe:
         try:
             from .. import _C
 
-            facts["bus"] = _C.device_properties(device.index)["pci_bus_id"]
             probe = torch.zeros(64, dtype=torch.uint8, device=device)
             facts["probe"] = _C.ipc_export(probe.data_ptr(), device.index)
             _PROBES.append(probe)  # alive until every peer tried to map it
@@ -114,21 +109,18 @@ def _ipc_unusable(peers, device, everyone, wire):
     """Each rank maps every peer's probe buffer; the first failure anywhere, or None."""
     mine = next((f["ipc"] for f in everyone.values() if f["ipc"]), None)
     if mine is None:
-        numbering = _device_numbering()
         from .. import _C
 
-        for rank, f in everyone.items():
+        for rank, f in sorted(everyone.items()):
             if rank == peers.rank:
                 continue
-            if f["bus"] not in numbering:
-                mine = f"rank {rank}'s GPU ({f['bus']}) is not visible to rank {peers.rank} (CUDA_VISIBLE_DEVICES)"
-                break
             try:
                 handle, offset = f["probe"]
                 _C.ipc_open(handle, offset, device.index)
                 _C.ipc_close(handle, device.index)
             except Exception as e:
-                mine = f"rank {peers.rank} cannot map rank {rank}'s GPU memory ({e})"
+                mine = (f"rank {peers.rank} cannot map rank {rank}'s GPU memory ({e}; is that GPU hidden from it by "
+                        "CUDA_VISIBLE_DEVICES, or are peer accesses off?)")
                 break
     try:
         verdicts = {peers.rank: mine, **peers.exchange_objects(
@@ -136,13 +128,6 @@ def _ipc_unusable(peers, device, everyone, wire):
     finally:
         _PROBES.clear()
     return next((v for _, v in sorted(verdicts.items()) if v), None)
-
-
-def _device_numbering():
-    """PCI bus id -> this process's index of that GPU."""
-    from .. import _C
-
-    return {_C.device_properties(i)["pci_bus_id"]: i for i in range(torch.cuda.device_count())}
 
 
 def _boot_id():
