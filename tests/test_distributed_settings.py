@@ -94,3 +94,32 @@ def test_bench_distributed_outside_torchrun_says_how_to_start_it(monkeypatch, ca
     monkeypatch.delenv("RANK", raising=False)
     with pytest.raises(Refusal, match="torchrun --nproc-per-node 2 --no-python asyncdiff-rt bench --distributed"):
         main(["bench", "--distributed"])
+
+
+class _FakePeers:
+    """Peers of a group whose other ranks report `theirs` (host, boot id, pid)."""
+
+    def __init__(self, backend, theirs):
+        self.rank, self.size, self.backend, self._theirs = 0, 2, backend, theirs
+
+    def exchange_objects(self, objects, what, device):
+        return {1: {**objects[1], **self._theirs}}
+
+
+def test_transport_choices_name_what_cannot_run():
+    from asyncdiff_rt.engine.transports import choose_transport
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda", 0)
+    here = _FakePeers("gloo", {})
+    assert choose_transport(here, cpu, None).name == "gloo" and choose_transport(here, cpu, "shm").name == "shm"
+    elsewhere = _FakePeers("gloo", {"host": "another-machine"})
+    with pytest.raises(ValueError, match=r"transport='shm' cannot run: the ranks run on 2 machines; use "
+                                         r"transport='gloo'"):
+        choose_transport(elsewhere, cpu, "shm")
+    with pytest.raises(ValueError, match=r"the CPU but the process group uses nccl; use gloo"):
+        choose_transport(_FakePeers("nccl", {}), cpu, None)
+    with pytest.raises(ValueError, match=r"GPUs but the process group uses gloo: use NCCL \(or transport='ipc'"):
+        choose_transport(here, gpu, None)
+    assert choose_transport(_FakePeers("nccl", {}), gpu, None).name == "nccl"  # no GPU touched for nccl
+    with pytest.raises(ValueError, match=r"transport='ipc' cannot run: the ranks run on 2 machines"):
+        choose_transport(_FakePeers("nccl", {"host": "another-machine"}), gpu, "ipc")

@@ -221,9 +221,10 @@ class DistributedExecutor:
         """Complete the exchanges posted for steps that never ran (a pipeline that stopped
         calling the denoiser early), so that the next messages pair up with their own."""
         posted, self._posted = self._posted, {}
-        if self.peers.failure is None:
+        if self.peers.failure is None and posted:
             for k in sorted(posted):
                 self._complete(posted[k])
+            self._settle("finishing the messages of a generation cut short")
 
     def _stop(self):
         """After a failure: no generation runs, and no GPU stream waits on a counter forever."""
@@ -462,7 +463,8 @@ class DistributedExecutor:
             self._emitted = self._previous
             return
         host, peers, device = program.host, self.peers, self._wire_device()
-        self._settled(k)
+        if peers.backend != "nccl":  # NCCL's waits are polled, and they follow this rank's stream
+            self._settle(f"waiting for step {k}'s messages on this rank's GPU")
         if self.rank == host:
             if ins.source == "forward":
                 out = self._outputs[ins.device]
@@ -478,19 +480,16 @@ class DistributedExecutor:
             received = self._receive_tree(self._out_skeleton, host, what)
             self._emitted = _moved(received, self._call.latent.device)
 
-    def _settled(self, k):
-        """ipc with a gloo group (ranks sharing a GPU): wait for this rank's stream within
-        the timeout. It may wait on a peer's counter, and the host copies below (or the
-        pipeline's) would otherwise block forever on a peer that died. NCCL's own waits
-        are polled, so an NCCL group needs none."""
-        mailbox = self._wires.mailbox if self._wires is not None else None
-        if mailbox is None or not mailbox.peers() or self.device.type != "cuda" or self.peers.backend == "nccl":
+    def _settle(self, what):
+        """ipc: wait for this rank's stream within the timeout before the host copies
+        from it. The stream may wait on a peer's counter, and a copy to the host (this
+        executor's or the pipeline's) would block forever on a peer that died."""
+        watched = [p for p in range(self.peers.size) if p != self.rank]
+        if self._links is None or self.device.type != "cuda" or not watched:
             return
         event = torch.cuda.Event()
         event.record(torch.cuda.current_stream(self.device))
-        watched = mailbox.peers()
-        self.peers.wait_until(event.query, watched[0], f"waiting for step {k}'s messages on this rank's GPU",
-                              alive=lambda: all(self._links.alive(p) for p in watched))
+        self.peers.wait_until(event.query, watched[0], what, alive=lambda: all(self._links.alive(p) for p in watched))
 
     # ---------------------------------------------------------------- reporting
     def weights_per_device(self):
