@@ -56,6 +56,11 @@ def choose_transport(peers, device, requested):
     naming why the requested one cannot run and what to pass instead."""
     backend, kind = peers.backend, device.type
     requested = check_transport(requested, kind)
+    if kind == "cpu" and backend != "gloo":
+        raise ValueError(f"the ranks run on the CPU but the process group uses {backend}; use gloo")
+    if kind == "cuda" and backend != "nccl" and requested != "ipc":
+        raise ValueError(f"the ranks run on GPUs but the process group uses {backend}: use NCCL (or "
+                         "transport='ipc' on one machine, where only settings and predictions use the group)")
     wire = "cpu" if backend == "gloo" else device
     facts = _facts(device, probe=requested == "ipc")
     everyone = {peers.rank: facts, **peers.exchange_objects(
@@ -65,8 +70,6 @@ def choose_transport(peers, device, requested):
     off_node = None if len(hosts) == 1 else f"the ranks run on {len(hosts)} machines"
 
     if kind == "cpu":
-        if backend != "gloo":
-            raise ValueError(f"the ranks run on the CPU but the process group uses {backend}; use gloo")
         if requested != "shm":
             return Transport("gloo", "the CPU default" if requested == "auto" else "asked for")
         why = off_node or SharedMemoryLinks.unusable()
@@ -74,9 +77,6 @@ def choose_transport(peers, device, requested):
             raise ValueError(f"transport='shm' cannot run: {why}; use transport='gloo'")
         return Transport("shm", "asked for; the ranks share one machine", lambda: SharedMemoryLinks(peers, pids))
 
-    if backend != "nccl" and requested != "ipc":
-        raise ValueError(f"the ranks run on GPUs but the process group uses {backend}: use NCCL (or "
-                         "transport='ipc' on one machine, where only settings and predictions use the group)")
     if requested != "ipc":
         return Transport("nccl", "the GPU default (transport='ipc' is opt-in)" if requested == "auto"
                          else "asked for")
