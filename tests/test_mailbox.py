@@ -140,3 +140,80 @@ def test_slots_alternate_and_counters_count():
     links.log.clear()
     box.release()
     assert sorted(links.log) == [("force", 0, 1 + (1 << 20)), ("force", 1, 3 + (1 << 20))]
+
+
+class _FakeC:
+    """The extension's calls the CUDA links make, recorded; signal_wait refuses the flush
+    once, as a GPU without remote-write flushes does."""
+
+    class CudaError(RuntimeError):
+        pass
+
+    def __init__(self):
+        self.log, self.refuse_flush = [], True
+
+    def signal_wait(self, stream, ptr, value, device, mode, flush, check_pointer=True):
+        if flush and self.refuse_flush:
+            raise self.CudaError("CUDA_ERROR_NOT_SUPPORTED")
+        self.log.append(("wait", stream, ptr, value, device, mode, flush, check_pointer))
+
+    def signal_write(self, stream, ptr, value, device, check_pointer=True):
+        self.log.append(("write", stream, ptr, value, device, check_pointer))
+
+    def copy_batch(self, entries, stream, check_pointers=True):
+        self.log.append(("copy", entries, stream, check_pointers))
+
+
+class _FakeStream:
+    def __init__(self, handle):
+        self.cuda_stream, self.waited = handle, []
+
+    def wait_stream(self, other):
+        self.waited.append(other.cuda_stream)
+
+    def wait_event(self, event):
+        self.waited.append(event)
+
+
+def test_cuda_links_name_their_streams_and_map_peers_as_local(monkeypatch):
+    """The CUDA IPC links without a GPU (the extension and streams faked): sends run on the
+    communication stream after the current one, receives on their own stream between the
+    current stream's work, no call passes stream handle 0 (the extension would read it as
+    the checked device's legacy stream), a peer's flag is written without a pointer lookup,
+    and a GPU that cannot flush remote writes gets waits without the flag."""
+    from asyncdiff_rt.engine import links as links_module
+
+    current = _FakeStream(7)
+    streams = [current]
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: streams[-1])
+
+    @contextlib.contextmanager
+    def on(stream):
+        streams.append(stream)
+        yield
+        streams.pop()
+
+    monkeypatch.setattr(torch.cuda, "stream", on)
+    monkeypatch.setattr(torch.cuda, "Event", lambda: type("E", (), {"record": lambda self, s: None})())
+    links = links_module.CudaIpcLinks.__new__(links_module.CudaIpcLinks)
+    links.C, links.device, links.pids = _FakeC(), 3, {1: 0}
+    links.comm, links.recv, links._flush, links._sent = _FakeStream(11), _FakeStream(12), True, {}
+    out, into = Route(0, 1, ("u",), 64), Route(1, 0, ("v",), 32)
+    monkeypatch.setattr(links, "alloc", lambda slot_bytes, n: links_module._Memory(
+        ("mine",), data=torch.arange(slot_bytes, dtype=torch.int32).to(torch.uint8), ptr=1000, counters=2000))
+    box = Mailbox(0, [out, into], links)
+    box._mapped[1] = (links_module._Memory(("theirs",), ptr=5000, counters=9000),
+                      {out: (4, [0, 256]), into: (2, None)})
+    sent = torch.zeros(64, dtype=torch.uint8)
+    box.send(out, sent)
+    received = torch.zeros(32, dtype=torch.uint8)
+    box.receive(into, received)
+    assert links.C.log == [
+        ("wait", 11, 2000 + 4 * 1, 0xFFFFFFFF, 3, "geq", False, True),  # free counter, after the refused flush
+        ("copy", [(5000 + 256, 3, sent.data_ptr(), 3, 64)], 11, False),  # into the peer's slot 1
+        ("write", 11, 9000 + 4 * 4, 1, 3, False),  # the peer's ready counter
+        ("wait", 12, 2000 + 4 * 0, 1, 3, "geq", False, True),  # this rank's ready counter
+        ("write", 12, 9000 + 4 * 2, 1, 3, False),  # the peer's free counter
+    ]
+    assert torch.equal(received, torch.arange(256, 288, dtype=torch.int32).to(torch.uint8))  # slot 1, copied out
+    assert links.comm.waited == [7] and links.recv.waited == [7] and current.waited == [12]
