@@ -57,7 +57,7 @@ def main(out=sys.stdout):
         flops = [loads[min(d, n - 1)] + shared for d in range(plan.n_devices)]
         forward = [f / rate for f in flops]
         whole = (sum(loads) + shared) / rate
-        result = project(plan, plan.program(STEPS), forward, whole, HOST_S, a5000_bridged(plan.n_devices))
+        result = project(plan, plan.program(STEPS), forward, whole, HOST_S, a5000_bridged())
         sequential = STEPS * (whole + HOST_S)
         print(f"| {n} | {s} | upstream | {' / '.join(f'{f / 1e9:.0f}' for f in flops)} "
               f"| {' / '.join(f'{t * 1e3:.1f}' for t in forward)} | {result.latency_s:.2f} "

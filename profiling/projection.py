@@ -39,7 +39,7 @@ LINKS = {
 }
 
 
-def a5000_bridged(devices, bridge="nvlink-a5000", rest="pcie4-x16"):
+def a5000_bridged(bridge="nvlink-a5000", rest="pcie4-x16"):
     """Links of a 4x A5000 rig with NVLink bridges on the pairs (0, 1) and (2, 3)."""
     return lambda a, b: LINKS[bridge] if a // 2 == b // 2 else LINKS[rest]
 

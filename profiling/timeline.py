@@ -101,16 +101,16 @@ class Timeline:
         busy = {}
         for s in self.spans:
             busy.setdefault(s.track, []).append((s.start, s.end))
-        compute = _union(iv for t, ivs in busy.items() if t.startswith("dev") and "copy" not in t for iv in ivs)
+        compute = _union(iv for t, ivs in busy.items() if _computes(t) for iv in ivs)
         copies = _union(iv for t, ivs in busy.items() if t.endswith("copy") for iv in ivs)
         last = {}
         for s in self.spans:
-            if s.track.startswith("dev") and "copy" not in s.track and s.end >= last.get(s.step, (None, -1.0))[1]:
+            if _computes(s.track) and s.end >= last.get(s.step, (None, -1.0))[1]:
                 last[s.step] = (s.track, s.end)
         host = sorted(s.end - s.start for s in self.spans if s.track == "host")
         forwards = {}
         for s in self.spans:
-            if s.track.startswith("dev") and "copy" not in s.track and not s.name.startswith("warm-up"):
+            if _computes(s.track) and not s.name.startswith("warm-up"):
                 forwards.setdefault(int(s.track.split()[1]), []).append(s.end - s.start)
         warmups = sorted(s.end - s.start for s in self.spans if s.name.startswith("warm-up T["))
         critical = {}
@@ -121,7 +121,7 @@ class Timeline:
             "busy_fraction": {t: _length(_union(ivs)) / span if span else 0.0
                               for t, ivs in sorted(busy.items(), key=lambda kv: _track_order(kv[0]))},
             "exposed_communication_ms": (_length(copies) - _length(_intersect(copies, compute))) / 1e3,
-            "host_ms_per_step": {"median": host[len(host) // 2] / 1e3 if host else 0.0,
+            "host_ms_per_step": {"median": _median(host) / 1e3 if host else 0.0,
                                  "max": host[-1] / 1e3 if host else 0.0},
             "steps_ended_last_by": critical,
             # what `asyncdiff-rt project` takes: median asynchronous forward per device, warm-up forward
@@ -162,6 +162,11 @@ def gantt(spans, path):
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _computes(track):
+    """Whether `track` is a lane's compute (not its copy stream, not the host)."""
+    return track.startswith("dev") and not track.endswith("copy")
 
 
 def _median(values):

@@ -69,7 +69,7 @@ def test_parallel_devices_overlap_and_sends_cost_their_link():
     assert fast.latency_s == pytest.approx(0.020 + 4 * 0.010, rel=0.02)
     assert serial.latency_s == pytest.approx(0.020 + 3 * 0.020 + 0.010, rel=1e-9)
     assert crawl.latency_s > 1.5 * fast.latency_s and crawl.waits_s > 0.05  # the forwards wait for the sends
-    assert a5000_bridged(4)(0, 1) == LINKS["nvlink-a5000"] and a5000_bridged(4)(1, 2) == LINKS["pcie4-x16"]
+    assert a5000_bridged()(0, 1) == LINKS["nvlink-a5000"] and a5000_bridged()(1, 2) == LINKS["pcie4-x16"]
 
 
 def test_project_command_prints_projected_figures(tmp_path, capsys):

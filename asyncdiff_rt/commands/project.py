@@ -50,7 +50,7 @@ def run(args):
     size = {k: v // 8 for k, v in (("height", args.height), ("width", args.width)) if v}
     plan = make_plan(denoiser, example_inputs(denoiser, **size), args.n_components, args.stride, args.warmup,
                      partition=args.partition)
-    link = {"a5000": a5000_bridged(devices), "pcie4": lambda a, b: LINKS["pcie4-x16"],
+    link = {"a5000": a5000_bridged(), "pcie4": lambda a, b: LINKS["pcie4-x16"],
             "h100": lambda a, b: LINKS["nvlink-h100"]}[args.links]
     result = project(plan, plan.program(args.steps), forward, warmup, host, link)
     sequential = args.steps * (warmup + host)

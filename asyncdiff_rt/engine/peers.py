@@ -111,8 +111,7 @@ class Peers:
     def exchange_objects(self, objects, what, device):
         """Send objects[peer] to each peer and receive one from each: {peer: object}. Two
         batches (sizes, then bytes), so no order of posting can deadlock."""
-        payloads = {peer: torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
-                    for peer, obj in objects.items()}
+        payloads = {peer: _encoded(obj, device) for peer, obj in objects.items()}
         sizes_out = {p: torch.tensor([t.numel()], dtype=torch.int64, device=device) for p, t in payloads.items()}
         sizes_in = {p: torch.zeros(1, dtype=torch.int64, device=device) for p in objects}
         self.wait(self.batch([(dist.isend, t, p, what) for p, t in sizes_out.items()] +
@@ -120,11 +119,11 @@ class Peers:
         received = {p: torch.empty(int(t.item()), dtype=torch.uint8, device=device) for p, t in sizes_in.items()}
         self.wait(self.batch([(dist.isend, t, p, what) for p, t in payloads.items()] +
                              [(dist.irecv, t, p, what) for p, t in received.items()]))
-        return {p: pickle.loads(t.cpu().numpy().tobytes()) for p, t in received.items()}
+        return {p: _decoded(t) for p, t in received.items()}
 
     def send_object(self, obj, peer, what, device):
         """Send a picklable object (a size, then the bytes); returns the pending sends."""
-        payload = torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+        payload = _encoded(obj, device)
         size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
         return [self.isend(size, peer, what), self.isend(payload, peer, what)]
 
@@ -133,7 +132,7 @@ class Peers:
         self.wait([self.irecv(size, peer, what)])
         payload = torch.empty(int(size.item()), dtype=torch.uint8, device=device)
         self.wait([self.irecv(payload, peer, what)])
-        return pickle.loads(payload.cpu().numpy().tobytes())
+        return _decoded(payload)
 
     # ---------------------------------------------------------------- failures
     def fail(self, error):
@@ -236,6 +235,14 @@ class Peers:
 class _Pending:
     def __init__(self, work, peer, what):
         self.work, self.peer, self.what = work, peer, what
+
+
+def _encoded(obj, device):
+    return torch.frombuffer(bytearray(pickle.dumps(obj)), dtype=torch.uint8).to(device)
+
+
+def _decoded(payload):
+    return pickle.loads(payload.cpu().numpy().tobytes())
 
 
 def _group_store(group):

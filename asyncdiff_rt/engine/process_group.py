@@ -72,7 +72,6 @@ def _check_size(size, n_devices, what):
             f"{n_devices} ranks")
 
 
-
 def averaged_over(group, device):
     """`agree` for make_plan: measured unit times averaged over the group's ranks, so that
     every rank makes the same split from the same numbers."""

@@ -119,8 +119,9 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     check_distributed(executor, process_group, timeout, transport)
     options, agree = ({"graphs": graphs} if executor == "local" else {}), None
     if executor == "distributed":
-        check_transport(transport, device_type(devices, unet))
-        group, _ = join_group(process_group, n_components + stride - 1, device_type(devices, unet), timeout)
+        kind = device_type(devices, unet)
+        check_transport(transport, kind)
+        group, _ = join_group(process_group, n_components + stride - 1, kind, timeout)
         options = {"group": group, "timeout_s": float(timeout), "graphs": graphs, "transport": transport}
         agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
