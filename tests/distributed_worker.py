@@ -46,6 +46,14 @@ def main():
                    help="first a generation that stops calling the denoiser after this step")
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
     args = p.parse_args()
+    try:
+        run(args)
+    finally:
+        if (args.same_gpu or args.group is not None) and dist.is_initialized():  # the runtime destroys its own
+            dist.destroy_process_group()
+
+
+def run(args):
     torch.set_num_threads(1)
     out, rank = Path(args.out), int(os.environ["RANK"])
     from asyncdiff_rt import parallelize

@@ -140,4 +140,6 @@ def _remove_wait(mailbox, which):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    dist.destroy_process_group()  # gloo's threads must not outlive the interpreter
+    sys.exit(code)

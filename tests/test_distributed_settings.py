@@ -1,6 +1,10 @@
 """The distributed executor inside this test process: how it finds its process group,
 and a one-rank group (N = 1: the sequential denoiser exactly). The multi-process runs
 are in test_executor_distributed.py."""
+import os
+import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -36,6 +40,32 @@ def test_without_torchrun_or_a_group_it_says_how_to_launch(pipe, monkeypatch):
         asyncdiff_rt.parallelize(pipe, executor="distributed")
     assert not dist.is_initialized()
     assert type(pipe.unet).__name__ == "UNet2DConditionModel"
+
+
+AT_EXIT_SCRIPT = """
+import atexit, torch.distributed as dist
+import asyncdiff_rt
+from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
+# registered first, so it runs after the runtime's own exit handler (atexit is last in, first out)
+atexit.register(lambda: print("initialised at exit:", dist.is_initialized(), flush=True))
+pipe = tiny_sd_pipeline("sd15")
+asyncdiff_rt.parallelize(pipe, n_components=1, executor="distributed")
+pipe("a red cube", num_inference_steps=2, height=16, width=16, output_type="latent")
+print("made by the runtime:", dist.is_initialized(), flush=True)
+"""
+
+
+def test_a_group_the_runtime_made_is_destroyed_before_the_interpreter_ends():
+    """Gloo's threads alive at interpreter finalisation abort the process now and then
+    ("terminate called without an active exception"): torchrun would report a failed rank."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", AT_EXIT_SCRIPT], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "made by the runtime: True" in done.stdout and "initialised at exit: False" in done.stdout, done.stdout
 
 
 def test_a_world_of_the_wrong_size_is_refused(pipe, world_of_one):

@@ -1,6 +1,7 @@
 """The process group of the distributed executor: the one a host framework hands in, the
 default group when one exists, or a new default group from torchrun's environment.
 Checked before any trace or device work: its size must be the plan's device count."""
+import atexit
 import os
 from datetime import timedelta
 
@@ -61,7 +62,18 @@ def join_group(process_group, n_devices, device_type, timeout_s):
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    atexit.register(destroy_default_group)
     return dist.group.WORLD, True
+
+
+def destroy_default_group():
+    """At exit, for the default group this runtime made: gloo's worker threads that
+    outlive the interpreter abort the process at finalisation ("terminate called without
+    an active exception", exit code -6), and NCCL asks to be destroyed before exit."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _check_size(size, n_devices, what):
