@@ -13,6 +13,7 @@ extension would take handle 0 as the legacy stream of whichever device it checks
 `SharedMemoryLinks` (CPU): POSIX shared memory; waits poll the counter on the host,
 bounded by the timeout, and notice a peer that died or reported a failure.
 """
+import atexit
 import contextlib
 from dataclasses import dataclass
 import os
@@ -53,14 +54,14 @@ class SharedMemoryLinks:
         """One segment: the counters, then (aligned) the slots; zero-filled."""
         start = _aligned(4 * n_counters)
         shm = shared_memory.SharedMemory(create=True, size=max(start + slot_bytes, 1))
-        return self._view(shm, (shm.name, n_counters, start))
+        return _opened(self._view(shm, (shm.name, n_counters, start)), own=True)
 
     def open(self, token, peer):
         shm = shared_memory.SharedMemory(name=token[0])
         # The creator unlinks it; Python < 3.13 would also register it for this process.
         with contextlib.suppress(Exception):
             resource_tracker.unregister(shm._name, "shared_memory")
-        return self._view(shm, token)
+        return _opened(self._view(shm, token), own=False)
 
     @staticmethod
     def _view(shm, token):
@@ -102,18 +103,37 @@ class SharedMemoryLinks:
         pass
 
     def close_remote(self, remote):
-        self._close(remote)
+        _close(remote, unlink=False)
 
     def free(self, memory):
-        self._close(memory)
-        with contextlib.suppress(FileNotFoundError):
-            memory.shm.unlink()
+        _close(memory, unlink=True)
 
-    @staticmethod
-    def _close(memory):
-        shm, memory.data, memory.counters = memory.shm, None, None
-        with contextlib.suppress(BufferError):  # a view still alive: the mapping goes at exit
-            shm.close()
+
+_MAPPED = {}  # id -> (_Memory, whether this process made it): shared memory still mapped here
+
+
+def _opened(memory, own):
+    _MAPPED[id(memory)] = memory, own
+    return memory
+
+
+def _close(memory, unlink):
+    _MAPPED.pop(id(memory), None)
+    shm, memory.data, memory.counters = memory.shm, None, None  # the views go first
+    with contextlib.suppress(BufferError):  # a view still alive: the mapping goes at exit
+        shm.close()
+    if unlink:
+        with contextlib.suppress(FileNotFoundError):
+            shm.unlink()
+
+
+@atexit.register
+def _close_at_exit():
+    """A process that ends without handle.remove(): unmap while the interpreter is alive
+    (at shutdown SharedMemory's finaliser meets our views and prints a BufferError) and
+    unlink what this process made (else the resource tracker reports it leaked)."""
+    for memory, own in list(_MAPPED.values()):
+        _close(memory, unlink=own)
 
 
 class CudaIpcLinks:
