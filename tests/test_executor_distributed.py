@@ -171,3 +171,21 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
         assert expected in record["error"] and "create a new one" in record["error"], record["error"]
         if how == "raise":
             assert "injected failure" in record["error"]
+
+
+def test_the_distributed_bench_under_torchrun(tmp_path):
+    """`asyncdiff-rt bench --distributed` end to end, at 4 steps: every row equals the
+    reference on every rank, and each CPU rank ran on a core of its own."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+    cli = shutil.which("asyncdiff-rt", path=str(Path(sys.executable).parent)) or shutil.which("asyncdiff-rt")
+    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_port()), "--no-python", cli,
+                           "bench", "--distributed", "--steps", "4", "--prompts", "1", "--transports", "shm",
+                           "--repeats", "1", "--out", str(tmp_path)],
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "bench_distributed_cpu.json").read_text())
+    rows = [r for r in result["rows"] if r["ranks"] == 2]
+    assert [r["row"].split("partition=")[1] for r in rows] == ["auto", "measured"]
+    assert all(r["equals_reference"] is True and r["same_images_on_every_rank"] is True for r in rows), rows
+    if len(os.sched_getaffinity(0)) >= 2:
+        assert "each rank on 1 core(s) of its own (rank 0: [" in result["settings"], result["settings"]

@@ -7,10 +7,11 @@ The shipped tiny text-to-image model, DDIM, guidance on. Rank 0 first times the 
 pipeline alone (the others wait), then every rank runs each configuration whose device
 count is the world size (2 ranks: N=2 S=1; 3 ranks: N=3 S=1 and N=2 S=2), with each
 transport of `--transports` (gloo and shared memory on the CPU, NCCL and CUDA IPC on
-GPUs, by default) and partitions auto and measured. On the CPU
-each process uses one intra-op thread (`--threads`), so 2 ranks use 2 cores against
-the baseline's one. Each row also checks that every rank returned the same images and
-that they equal the reference executor's bit for bit (CPU) or to rounding (GPU).
+GPUs, by default) and partitions auto and measured. On the CPU each process uses one
+intra-op thread (`--threads`) on cores of its own (unless `--no-pin`), so 2 ranks use 2
+cores against the baseline's one, rank 0's. Each row also checks that every rank
+returned the same images and that they equal the reference executor's bit for bit (CPU)
+or to rounding (GPU).
 """
 import json
 import os
@@ -43,6 +44,10 @@ def run(args):
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
     if cuda:
         torch.cuda.set_device(device)
+    if args.no_pin or cuda:
+        pinned = "not pinned (--no-pin)" if args.no_pin else "not pinned (GPU ranks)"
+    else:  # before any thread starts (gloo's, the intra-op pool's): threads inherit it
+        pinned = pin_to_own_cores(args.threads)
     torch.set_num_threads(args.threads)
     dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=120))
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -52,7 +57,8 @@ def run(args):
     card = torch.cuda.get_device_name(device) if cuda else f"cpu ({platform.machine()})"
     settings = (f"shipped tiny model (32x32, latent 16x16), guidance on (batch 2 x prompts), DDIM {steps} "
                 f"steps, W={args.warmup}; {world} ranks x {args.threads} intra-op thread(s) against one process "
-                f"with {args.threads}; median of {repeats} after one warm-up run; torch {torch.__version__}; "
+                f"with {args.threads}; CPU affinity: {pinned}; median of {repeats} after one warm-up run; "
+                f"torch {torch.__version__}; "
                 f"command: torchrun --nproc-per-node {world} --no-python asyncdiff-rt bench {_arguments()}")
 
     rows = []
@@ -93,6 +99,28 @@ def run(args):
             _write(Path(args.out), card, settings, rows, text)
     dist.destroy_process_group()
     return 0
+
+
+def pin_to_own_cores(threads):
+    """Put this rank (and the gloo threads it starts next) on `threads` cores of its own,
+    as its local rank orders them; what was done, for the table. Unpinned, on a 2-core
+    VM, a message's receipt waited 1-3 ms for a core and a step took 19-21 ms instead of
+    about 17 (profiling/results/README.md)."""
+    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), os.environ.get("LOCAL_WORLD_SIZE")
+    available = sorted(os.sched_getaffinity(0))
+    cores = own_cores(available, local_rank, int(local_world or 0), threads)
+    if cores is None:
+        return (f"not pinned ({local_world or 'unknown'} local ranks x {threads} threads, "
+                f"{len(available)} cores available)")
+    os.sched_setaffinity(0, cores)
+    return f"each rank on {threads} core(s) of its own (rank {os.environ.get('RANK', 0)}: {cores})"
+
+
+def own_cores(available, local_rank, local_world, threads):
+    """Local rank r's `threads` cores out of `available`, or None when they do not go round."""
+    if local_world < 1 or local_world * threads > len(available):
+        return None
+    return available[local_rank * threads:(local_rank + 1) * threads]
 
 
 def _timed(generate, repeats, device, cuda, before=None):
