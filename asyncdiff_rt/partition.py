@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 from .upstream_splits import SPLITS, recognise_family
 
+STRATEGIES = ("auto", "measured", "upstream")
+CHOICES = '"auto", "measured", "upstream" or a list of N lists of module paths'
+
 TIE = 0.005  # largest loads within 0.5% of each other are a tie (FLOP counts are estimates anyway)
 
 
@@ -79,8 +82,7 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
                 "give one list of module paths per component"
             )
         return _explicit(graph, spec, "explicit")
-    raise ValueError(f'partition={spec!r} is unknown; use "auto", "measured", "upstream" or a list of N lists '
-                     "of module paths")
+    raise ValueError(f"partition={spec!r} is unknown; use {CHOICES}")
 
 
 def _normalise(path):

@@ -7,7 +7,7 @@ import torch
 
 from .engine import resolve_executor
 from .engine.devices import count_devices, parse_devices
-from .partition import _normalise
+from .partition import CHOICES, STRATEGIES, _normalise
 from .schedule import validate_settings
 
 
@@ -68,13 +68,11 @@ def _check_reference_devices(denoiser, devices, requested):
 
 def _check_partition(denoiser, partition, n_components):
     if isinstance(partition, str):
-        if partition not in ("auto", "measured", "upstream"):
-            raise ValueError(f'partition={partition!r} is unknown; use "auto", "measured", "upstream" '
-                             "or a list of N lists of module paths")
+        if partition not in STRATEGIES:
+            raise ValueError(f"partition={partition!r} is unknown; use {CHOICES}")
         return
     if not isinstance(partition, (list, tuple)):
-        raise TypeError(f'partition={partition!r}: use "auto", "measured", "upstream" or a list of N lists of '
-                        "module paths")
+        raise TypeError(f"partition={partition!r}: use {CHOICES}")
     if len(partition) != n_components:
         raise ValueError(
             f"the explicit partition has {len(partition)} lists but n_components={n_components}; "

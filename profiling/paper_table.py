@@ -53,11 +53,11 @@ def main(out=sys.stdout):
     print("|---|---|---|---|---|---|---|---|---|", file=out)
     for (n, s), paper in PAPER.items():
         plan = make_plan(unet, inputs, n, s, WARMUP, partition="upstream")
-        loads, shared = plan.partition.loads(plan.graph), plan.graph.shared_flops
-        flops = [loads[min(d, n - 1)] + shared for d in range(plan.n_devices)]
+        loads, shared, program = plan.partition.loads(plan.graph), plan.graph.shared_flops, plan.program(STEPS)
+        flops = [loads[program.component_of(d)] + shared for d in range(plan.n_devices)]
         forward = [f / rate for f in flops]
         whole = (sum(loads) + shared) / rate
-        result = project(plan, plan.program(STEPS), forward, whole, HOST_S, a5000_bridged())
+        result = project(plan, program, forward, whole, HOST_S, a5000_bridged())
         sequential = STEPS * (whole + HOST_S)
         print(f"| {n} | {s} | upstream | {' / '.join(f'{f / 1e9:.0f}' for f in flops)} "
               f"| {' / '.join(f'{t * 1e3:.1f}' for t in forward)} | {result.latency_s:.2f} "

@@ -32,13 +32,13 @@ def main():
     p.add_argument("n", type=int)
     p.add_argument("s", type=int)
     p.add_argument("steps", type=int)
-    p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--inject", choices=("raise", "kill", "hang"))
     p.add_argument("--at-rank", type=int, default=0)
     p.add_argument("--at-call", type=int, default=4)
     p.add_argument("--group", default=None)
     p.add_argument("--timeout", type=float, default=30.0)
-    p.add_argument("--cuda", action="store_true", help="each rank on GPU LOCAL_RANK (NCCL)")
+    p.add_argument("--cuda", action="store_true",
+                   help="each rank on GPU LOCAL_RANK (NCCL; with --same-gpu all on cuda:0 over gloo)")
     p.add_argument("--transport", default=None)
     p.add_argument("--same-gpu", action="store_true",
                    help="every rank on cuda:0, a gloo group (NCCL refuses two ranks on one GPU): for ipc")
@@ -77,7 +77,7 @@ def run(args):
     record = {"rank": rank}
     start = time.monotonic()
     try:
-        handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=args.warmup,
+        handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=1,
                              executor="distributed", process_group=group, timeout=args.timeout,
                              transport=args.transport)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps

@@ -21,7 +21,6 @@ import json
 import os
 import random
 import signal
-import sys
 import time
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def main():
     peers = Peers(dist.group.WORLD, timeout_s=30)
     peers.clear_failures()
     device = torch.device("cuda:0" if args.cuda else "cpu")
-    pids = {r: pid for r, pid in peers.exchange_objects({peer: os.getpid()}, "pids", "cpu").items()}
+    pids = peers.exchange_objects({peer: os.getpid()}, "pids", "cpu")
     links = CudaIpcLinks(device, pids) if args.cuda else SharedMemoryLinks(peers, pids)
     mailbox = Mailbox(rank, ROUTES, links)
     if args.unsafe:
@@ -81,8 +80,6 @@ def _delay(device, seconds):
     if device.type == "cuda":
         torch.cuda._sleep(int(seconds * 2e9))  # cycles: at least `seconds` on any current GPU clock
     else:
-        import time
-
         time.sleep(seconds)
 
 
@@ -140,6 +137,5 @@ def _remove_wait(mailbox, which):
 
 
 if __name__ == "__main__":
-    code = main()
+    main()
     dist.destroy_process_group()  # gloo's threads must not outlive the interpreter
-    sys.exit(code)

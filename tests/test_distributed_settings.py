@@ -1,8 +1,6 @@
 """The distributed executor inside this test process: how it finds its process group,
 and a one-rank group (N = 1: the sequential denoiser exactly). The multi-process runs
 are in test_executor_distributed.py."""
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +13,8 @@ import asyncdiff_rt
 from asyncdiff_rt.commands.bench_distributed import own_cores
 from asyncdiff_rt.engine.process_group import TORCHRUN_VARIABLES
 from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
+
+from ranks import free_port, rank_env
 
 
 def generate(pipe, steps=4):
@@ -61,13 +61,8 @@ def test_a_script_that_just_ends_leaves_nothing_behind(transport):
     """Gloo's threads alive at interpreter finalisation abort the process now and then
     ("terminate called without an active exception"): torchrun would report a failed rank.
     Shared memory still mapped there prints a BufferError, and unlinked by nobody, a leak."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-           "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", AT_EXIT_SCRIPT, transport], env=env, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run([sys.executable, "-c", AT_EXIT_SCRIPT, transport], env=rank_env(0, 1, free_port()),
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "made by the runtime: True" in done.stdout and "initialised at exit: False" in done.stdout, done.stdout
     assert "Exception ignored" not in done.stderr and "leaked" not in done.stderr, done.stderr[-2000:]
@@ -123,7 +118,7 @@ def test_measured_partition_follows_measured_times(pipe):
     assert by_flops.components[1] != ("conv_out",)
 
 
-def test_bench_distributed_outside_torchrun_says_how_to_start_it(monkeypatch, capsys):
+def test_bench_distributed_outside_torchrun_says_how_to_start_it(monkeypatch):
     from asyncdiff_rt.cli import Refusal, main
 
     monkeypatch.delenv("RANK", raising=False)

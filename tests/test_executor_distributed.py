@@ -4,8 +4,6 @@ the reference executor, inside a process group a host framework made, and failur
 end every rank within the timeout with a message naming the rank."""
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,29 +15,20 @@ import torch
 from asyncdiff_rt import parallelize
 from asyncdiff_rt.models.tiny_t2i import load_tiny
 
+from ranks import free_port, installed, rank_env
+
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PROMPTS = ["a red cube", "a blue ball"]  # as the worker's
 STEPS = 8
 
 
-def _port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(rank, world, port, **extra):
-    return {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(world),
-            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1", **extra}
-
-
 def launch(tmp_path, world, *args, timeout=120, hung=None):
-    """Run `world` worker processes; {rank: (return code, record, log)} and the seconds
-    taken. Rank `hung` is killed once the others have exited."""
-    port, start = _port(), time.monotonic()
+    """Run `world` worker processes; {rank: (return code, record, log)}. Rank `hung` is
+    killed once the others have exited."""
+    port, start = free_port(), time.monotonic()
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *map(str, args)],
-                              env=_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+                              env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
              for r in range(world)]
     results = {}
     order = [r for r in range(world) if r != hung] + ([hung] if hung is not None else [])
@@ -56,13 +45,13 @@ def launch(tmp_path, world, *args, timeout=120, hung=None):
         path = tmp_path / f"rank{rank}.json"
         record = json.loads(path.read_text()) if path.exists() else None
         results[rank] = (proc.returncode, record, log.decode(errors="replace")[-3000:])
-    return results, time.monotonic() - start
+    return results
 
 
-def reference_images(n, s, warmup=1):
+def reference_images(n, s):
     torch.set_num_threads(1)
     pipe = load_tiny()
-    handle = parallelize(pipe, n_components=n, stride=s, warmup=warmup, executor="reference")
+    handle = parallelize(pipe, n_components=n, stride=s, warmup=1, executor="reference")
     images = pipe(PROMPTS, num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
                   output_type="pt").images
     handle.remove()
@@ -76,7 +65,7 @@ def _ok(results):
 
 @pytest.mark.parametrize("n,s", [(2, 1), (2, 2)])
 def test_equals_the_reference_bit_for_bit(tmp_path, n, s):
-    results, _ = launch(tmp_path, n + s - 1, n, s, STEPS)
+    results = launch(tmp_path, n + s - 1, n, s, STEPS)
     _ok(results)
     expected = reference_images(n, s)
     for rank in results:
@@ -95,7 +84,7 @@ def test_a_generation_cut_short_leaves_no_message_behind(tmp_path, transport):
     """A generation whose pipeline stops calling the denoiser early (diffusers' interrupt)
     leaves sent messages unreceived; the next generation must not read them as its own.
     Over shared memory (mailboxes: static slots and counters) and gloo."""
-    results, _ = launch(tmp_path, 3, 2, 2, STEPS, "--transport", transport, "--interrupt-after", 3)
+    results = launch(tmp_path, 3, 2, 2, STEPS, "--transport", transport, "--interrupt-after", 3)
     _ok(results)
     expected = reference_images(2, 2)
     for rank in results:
@@ -105,7 +94,7 @@ def test_a_generation_cut_short_leaves_no_message_behind(tmp_path, transport):
 
 def test_inside_a_group_of_a_bigger_world(tmp_path):
     """The host-framework case: a 4-rank world, the program on ranks 1 and 2 only."""
-    results, _ = launch(tmp_path, 4, 2, 1, STEPS, "--group", "1,2")
+    results = launch(tmp_path, 4, 2, 1, STEPS, "--group", "1,2")
     expected = reference_images(2, 1)
     for rank in (1, 2):
         code, record, log = results[rank]
@@ -119,9 +108,8 @@ def test_inside_a_group_of_a_bigger_world(tmp_path):
 
 def test_two_nodes_under_torchrun(tmp_path):
     """torchrun --nnodes 2 with a local rendezvous: one rank per "node", the same images."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    port = _port()
-    procs = [subprocess.Popen([torchrun, "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+    port = free_port()
+    procs = [subprocess.Popen([installed("torchrun"), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
                                "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
                                "--rdzv-id", "asyncdiff-test", str(WORKER), str(tmp_path), "2", "1", str(STEPS)],
                               env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -138,7 +126,7 @@ def test_two_nodes_under_torchrun(tmp_path):
 def test_ranks_that_run_different_generations_all_stop(tmp_path):
     """SPMD broken by the caller (one rank asks for other steps): every rank raises before
     any forward, naming the rank and what differs, instead of exchanging garbage."""
-    results, _ = launch(tmp_path, 2, 2, 1, STEPS, "--steps-at-rank", STEPS + 2, "--at-rank", 0)
+    results = launch(tmp_path, 2, 2, 1, STEPS, "--steps-at-rank", STEPS + 2, "--at-rank", 0)
     for rank, (code, record, log) in results.items():
         assert record is not None and record.get("type") == "ValueError", f"rank {rank}:\n{record}\n{log}"
         assert "rank 0 runs a different generation than the host (rank 1)" in record["error"]
@@ -153,7 +141,7 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
     the cause the first rank to notice recorded). Shared-memory waits notice a dead
     peer's process and time out like the group's."""
     timeout = 4.0
-    results, _ = launch(tmp_path, 3, 2, 2, STEPS, "--inject", how, "--at-rank", victim, "--at-call", 4,
+    results = launch(tmp_path, 3, 2, 2, STEPS, "--inject", how, "--at-rank", victim, "--at-call", 4,
                         "--timeout", timeout, "--transport", transport, timeout=90,
                         hung=victim if how == "hang" else None)
     expected = {"kill": f"rank {victim} closed its connection",
@@ -176,9 +164,8 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
 def test_the_distributed_bench_under_torchrun(tmp_path):
     """`asyncdiff-rt bench --distributed` end to end, at 4 steps: every row equals the
     reference on every rank, and each CPU rank ran on a core of its own."""
-    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
-    cli = shutil.which("asyncdiff-rt", path=str(Path(sys.executable).parent)) or shutil.which("asyncdiff-rt")
-    done = subprocess.run([torchrun, "--nproc-per-node", "2", "--master-port", str(_port()), "--no-python", cli,
+    done = subprocess.run([installed("torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
+                           "--no-python", installed("asyncdiff-rt"),
                            "bench", "--distributed", "--steps", "4", "--prompts", "1", "--transports", "shm",
                            "--repeats", "1", "--out", str(tmp_path)],
                           env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)

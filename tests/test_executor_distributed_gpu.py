@@ -30,7 +30,7 @@ def _check(tmp_path, results, n, s, transport):
 @two_gpus
 @pytest.mark.parametrize("transport", ["nccl", "ipc"])
 def test_two_gpus_equal_the_reference_to_rounding(tmp_path, transport):
-    results, _ = launch(tmp_path, 2, 2, 1, STEPS, "--cuda", "--transport", transport)
+    results = launch(tmp_path, 2, 2, 1, STEPS, "--cuda", "--transport", transport)
     _check(tmp_path, results, 2, 1, transport)
 
 
@@ -38,6 +38,6 @@ def test_two_gpus_equal_the_reference_to_rounding(tmp_path, transport):
 def test_ipc_on_one_gpu_equals_the_reference_to_rounding(tmp_path, n, s):
     """Two or three processes on one GPU: IPC mailboxes, graphs, and a generation cut
     short first (its unreceived messages must not be read by the next)."""
-    results, _ = launch(tmp_path, n + s - 1, n, s, STEPS, "--cuda", "--same-gpu", "--transport", "ipc",
+    results = launch(tmp_path, n + s - 1, n, s, STEPS, "--cuda", "--same-gpu", "--transport", "ipc",
                         "--interrupt-after", 3)
     _check(tmp_path, results, n, s, "ipc")

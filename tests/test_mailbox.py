@@ -4,8 +4,6 @@ the protocol's waits removed finds the race. On the CPU over shared memory; on a
 over CUDA IPC (two processes on one GPU) with the delays on the streams."""
 import contextlib
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,16 +13,14 @@ import torch
 
 from asyncdiff_rt.engine.mailbox import SLOTS, Mailbox, Route, reached
 
+from ranks import free_port, rank_env
+
 WORKER = Path(__file__).with_name("mailbox_worker.py")
 
 
 def _run(tmp_path, *args, codes=(0, 0)):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args],
-                              env={**os.environ, "RANK": str(r), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
-                                   "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1"},
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args], env=rank_env(r, 2, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
     logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
     assert tuple(p.returncode for p in procs) == codes, logs
@@ -196,7 +192,7 @@ def test_cuda_links_name_their_streams_and_map_peers_as_local(monkeypatch):
     monkeypatch.setattr(torch.cuda, "stream", on)
     monkeypatch.setattr(torch.cuda, "Event", lambda: type("E", (), {"record": lambda self, s: None})())
     links = links_module.CudaIpcLinks.__new__(links_module.CudaIpcLinks)
-    links.C, links.device, links.pids = _FakeC(), 3, {1: 0}
+    links.C, links.device = _FakeC(), 3
     links.comm, links.recv, links._flush, links._sent = _FakeStream(11), _FakeStream(12), True, {}
     out, into = Route(0, 1, ("u",), 64), Route(1, 0, ("v",), 32)
     monkeypatch.setattr(links, "alloc", lambda slot_bytes, n: links_module._Memory(

@@ -219,9 +219,14 @@ def run(args):
     return 1 if failed else 0
 
 
+def card_slug(card):
+    """A file-name part for a device name."""
+    return re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")[:60]
+
+
 def _write(out, card, settings, steps, rows):
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "_", card.lower()).strip("_")[:60]
+    slug = card_slug(card)
     md, js = out / f"bench_local_{slug}.md", out / f"bench_local_{slug}.json"
     md.write_text(table(rows, card, settings))
     js.write_text(json.dumps({"device": card, "settings": settings, "steps": steps, "rows": rows},

@@ -19,14 +19,14 @@ import platform
 import statistics
 import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import torch
 
 from ..cli import Refusal
+from ..engine.process_group import join_group
+from .bench import ASYNC, _fmt, card_slug
 
-PAIRS = [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2)]
 PROMPT = "a red cube on a blue ball"
 PARTITIONS = ("auto", "measured")
 
@@ -42,14 +42,12 @@ def run(args):
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
     if args.no_pin or cuda:
         pinned = "not pinned (--no-pin)" if args.no_pin else "not pinned (GPU ranks)"
     else:  # before any thread starts (gloo's, the intra-op pool's): threads inherit it
         pinned = pin_to_own_cores(args.threads)
     torch.set_num_threads(args.threads)
-    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=120))
+    join_group(None, int(os.environ["WORLD_SIZE"]), device.type, timeout_s=120)  # NCCL sets the rank's GPU
     rank, world = dist.get_rank(), dist.get_world_size()
     steps, repeats = args.steps or 50, args.repeats or 3
     transports = args.transports or (["nccl", "ipc"] if cuda else ["gloo", "shm"])
@@ -72,7 +70,7 @@ def run(args):
             baseline, _ = _timed(generate, repeats, device, cuda)
             rows.append({"row": "one process (sequential)", "prompts": prompts, "ranks": 1, "latency_ms": baseline})
         dist.barrier()
-        configurations = [(p, part, t) for p in PAIRS if p[0] + p[1] - 1 == world for part in PARTITIONS
+        configurations = [(p, part, t) for p in ASYNC if p[0] + p[1] - 1 == world for part in PARTITIONS
                           for t in transports]
         for (n, s), partition, transport in configurations:
             handle = parallelize(pipe, n_components=n, stride=s, warmup=args.warmup, executor="distributed",
@@ -200,18 +198,14 @@ def table(rows, card, settings):
         speed = f"{r['speedup']:.2f}x" if "speedup" in r else "1.00x"
         lines.append(f"| {r['row']} | {r['prompts']} | {r['ranks']} | {r['latency_ms']:.1f} | {speed} "
                      f"| {r.get('transport', '-')} "
-                     f"| {_fmt(r.get('mib_received_per_step'))} | {r.get('same_images_on_every_rank', '-')} "
+                     f"| {_fmt(r.get('mib_received_per_step'), '.3f')} | {r.get('same_images_on_every_rank', '-')} "
                      f"| {r.get('equals_reference', '-')} |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt(v):
-    return "-" if v is None else f"{v:.3f}"
-
-
 def _write(out, card, settings, rows, text):
     out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if card.startswith("cpu") else card.lower().replace(" ", "_")
+    slug = "cpu" if card.startswith("cpu") else card_slug(card)
     (out / f"bench_distributed_{slug}.md").write_text(text)
     (out / f"bench_distributed_{slug}.json").write_text(
         json.dumps({"device": card, "settings": settings, "rows": rows}, indent=1))

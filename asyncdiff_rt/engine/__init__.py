@@ -3,7 +3,18 @@ from .devices import lists_gpus
 from .local import LocalExecutor
 from .reference import ReferenceExecutor
 
-EXECUTORS = {"reference": ReferenceExecutor, "local": LocalExecutor, "distributed": None}  # imported when used
+
+def _reference(denoiser, plan, devices=None):
+    return ReferenceExecutor(denoiser, plan)  # on the denoiser's device, whatever the plan's devices
+
+
+def _distributed(denoiser, plan, devices=None, **options):
+    from .distributed import DistributedExecutor  # imported when used
+
+    return DistributedExecutor(denoiser, plan, devices=devices, **options)
+
+
+EXECUTORS = {"reference": _reference, "local": LocalExecutor, "distributed": _distributed}
 
 
 def resolve_executor(name, devices=None):
@@ -21,11 +32,4 @@ def make_executor(name, denoiser, plan, devices=None, **options):
     denoiser's own); the reference executor runs on the denoiser's device whatever they
     are. `options` go to the executor (local: graphs=True, backend=None; distributed:
     group, timeout_s=30.0, graphs=True, transport=None)."""
-    name = resolve_executor(name, devices)
-    if name == "reference":
-        return ReferenceExecutor(denoiser, plan)
-    if name == "distributed":
-        from .distributed import DistributedExecutor
-
-        return DistributedExecutor(denoiser, plan, devices=devices, **options)
-    return EXECUTORS[name](denoiser, plan, devices=devices, **options)
+    return EXECUTORS[resolve_executor(name, devices)](denoiser, plan, devices=devices, **options)

@@ -23,7 +23,7 @@ from multiprocessing import resource_tracker, shared_memory
 import numpy as np
 import torch
 
-from .mailbox import reached
+from .mailbox import aligned, reached
 
 
 @dataclass
@@ -52,7 +52,7 @@ class SharedMemoryLinks:
 
     def alloc(self, slot_bytes, n_counters):
         """One segment: the counters, then (aligned) the slots; zero-filled."""
-        start = _aligned(4 * n_counters)
+        start = aligned(4 * n_counters)
         shm = shared_memory.SharedMemory(create=True, size=max(start + slot_bytes, 1))
         return _opened(self._view(shm, (shm.name, n_counters, start)), own=True)
 
@@ -234,10 +234,6 @@ class CudaIpcLinks:
 
 
 _KEPT_COUNTERS = []  # a few bytes per mailbox, for the process's life
-
-
-def _aligned(n):
-    return -(-n // 256) * 256
 
 
 def _alive(pid):

@@ -47,7 +47,7 @@ class Mailbox:
             self._slots[route] = []
             for _ in range(SLOTS):
                 self._slots[route].append(offset)
-                offset = _aligned(offset + route.nbytes)
+                offset = aligned(offset + route.nbytes)
         self.memory = links.alloc(offset, len(counters))
         self._sent = {route: 0 for route in self.outgoing}
         self._received = {route: 0 for route in self.incoming}
@@ -128,5 +128,5 @@ def _next(n):
     return (n + 1) & MASK
 
 
-def _aligned(n):
+def aligned(n):
     return -(-n // SLOT_ALIGN) * SLOT_ALIGN

@@ -34,7 +34,7 @@ class Peers:
         self.timeout_s = float(timeout_s)
         self.failure = None  # the message of the failure that stopped this rank
         self.step = None  # the step in progress, for messages
-        self._store = _group_store(group)
+        self._store = _default_store()
 
     def global_rank(self, rank):
         return dist.get_global_rank(self.group, rank) if self.group is not dist.group.WORLD else rank
@@ -245,7 +245,8 @@ def _decoded(payload):
     return pickle.loads(payload.cpu().numpy().tobytes())
 
 
-def _group_store(group):
+def _default_store():
+    """The default group's store: every group of the world, a subgroup too, reaches it."""
     try:
         return dist.distributed_c10d._get_default_store()
     except Exception:  # no store reachable: failures are still found, their causes are not named
