@@ -9,7 +9,9 @@ forward of the same slot has started, and the two slots keep apart (a slot-0 rep
 not overwrite slot-1 outputs that are still being sent). Devices never share a pool,
 since their streams run at the same time. Before every replay the addresses of the static inputs are compared with
 the captured ones (a few integer comparisons): a moved input is an error, never a replay
-on freed memory. Off the GPU, or with `enabled=False`, every run is eager.
+on freed memory. Inputs are pytree leaves, which may be None (SD3's last joint block
+returns `(None, hidden_states)`): only tensors have addresses. Off the GPU, or with
+`enabled=False`, every run is eager.
 """
 import contextlib
 import logging
@@ -24,6 +26,11 @@ log = logging.getLogger(__name__)
 _EAGER = object()  # a key whose capture failed
 
 
+def input_addresses(inputs):
+    """The addresses of the tensors among `inputs`, in order (other leaves have none)."""
+    return [t.data_ptr() for t in inputs if isinstance(t, torch.Tensor)]
+
+
 class _Captured:
     def __init__(self, graph, outputs, inputs):
         self.graph, self.outputs, self.inputs = graph, outputs, inputs
@@ -35,6 +42,7 @@ class GraphCache:
         self._graphs = {}
         self._pools = {}
         self.captures = 0
+        self.failures = 0  # captures that failed (their keys run eagerly)
 
     def __len__(self):
         return sum(1 for g in self._graphs.values() if g is not _EAGER)
@@ -46,10 +54,11 @@ class GraphCache:
 
     def run(self, key, pool, stream, fn, inputs=()):
         """fn() -> outputs (a pytree of tensors), on `stream`. `key` names the graph,
-        `pool` its memory pool (one per device and slot); `inputs`: the static tensors fn reads."""
+        `pool` its memory pool (one per device and slot); `inputs`: the static tensors fn reads
+        (other leaves, such as None, are skipped)."""
         entry = self._graphs.get(key)
         if entry is not None and entry is not _EAGER:
-            addresses = [t.data_ptr() for t in inputs]
+            addresses = input_addresses(inputs)
             if addresses != entry.inputs:
                 raise RuntimeError(f"graph {key[:3]}: its static inputs moved since capture; replaying it would "
                                    "read freed memory (an asyncdiff_rt bug: please report it)")
@@ -65,6 +74,7 @@ class GraphCache:
                 log.warning("graph %s: capture failed (%s: %s); this key runs eagerly", key[:3],
                             type(e).__name__, e)
                 self._graphs[key] = _EAGER
+                self.failures += 1
         return out
 
     def _capture(self, key, pool, stream, fn, inputs):
@@ -83,7 +93,7 @@ class GraphCache:
                 raise
             graph.capture_end()
         self.captures += 1
-        return _Captured(graph, outputs, [t.data_ptr() for t in inputs])
+        return _Captured(graph, outputs, input_addresses(inputs))
 
     def drop(self, match):
         """Forget the graphs whose key satisfies `match(key)` (e.g. an old input layout)."""
