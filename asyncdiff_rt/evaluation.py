@@ -141,17 +141,35 @@ def eval_specs(n: int, prompts: str = "heldout") -> list[shapes.Spec]:
     return [pool[i % len(pool)] for i in range(n)]
 
 
+MODELS = ("unet", "dit")  # the shipped tiny UNet, the shipped tiny transformer (PixArt DiT)
+
+
+def _check_model(model: str) -> None:
+    if model not in MODELS:
+        raise ValueError(f"model={model!r}: use unet (the shipped tiny UNet) or dit (the shipped tiny transformer)")
+
+
+def default_partitions(model: str) -> tuple[str, ...]:
+    """The partitions a table compares: the reference code publishes splits for UNets only."""
+    _check_model(model)
+    return ("auto",) if model == "dit" else ("auto", "upstream")
+
+
 @torch.no_grad()
 def generate(pipe, specs: Sequence[shapes.Spec], seed: int, steps: int, guidance: float,
-             batch: int = 64, progress=None) -> torch.Tensor:
-    """Images in [0, 1] (n, 3, 32, 32), sample i drawn from seed + i whatever the batching."""
+             batch: int = 64, progress=None, model: str = "unet") -> torch.Tensor:
+    """Images in [0, 1] (n, 3, 32, 32), sample i drawn from seed + i whatever the batching.
+    `model` says which shipped model `pipe` is: "unet" decodes its own images, "dit"'s
+    latents are the pixels (told, not guessed from the pipeline's attributes: a pipeline
+    with a `transformer` and a VAE decodes like the UNet's)."""
+    _check_model(model)
     out = []
     for i in range(0, len(specs), batch):
         chunk = specs[i:i + batch]
         gens = [torch.Generator().manual_seed(seed + i + j) for j in range(len(chunk))]
         prompts, kwargs = [shapes.caption(s) for s in chunk], dict(num_inference_steps=steps, guidance_scale=guidance,
                                                                    generator=gens)
-        if hasattr(pipe, "transformer"):  # the tiny transformer: its pipeline's latents are the pixels
+        if model == "dit":
             from .models.tiny_dit import images as dit_images
 
             imgs = dit_images(pipe, prompts, **kwargs)
@@ -192,21 +210,21 @@ def _critical_path(run: RunConfig, steps: int) -> int:
 
 
 def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1, 3), samples: int = 256,
-             steps: int = 50, partitions: Sequence[str] = ("auto", "upstream"),
+             steps: int = 50, partitions: Optional[Sequence[str]] = None,
              stride_reuse: Sequence[str] = ("component", "previous"), guidance: float = 4.0,
              prompts: str = "heldout", seed: int = 0, batch: int = 64, grid_cols: int = 8,
              out_dir: Optional[str] = None, device: Optional[str] = None, pipe=None, judge=None,
              progress: bool = True, command: str = "", model: str = "unet") -> dict:
     """Generate `samples` images per row, score them, write eval.json and eval_grid.png.
-    `model`: "unet" (the shipped tiny UNet) or "dit" (the shipped tiny transformer)."""
+    `model`: "unet" (the shipped tiny UNet) or "dit" (the shipped tiny transformer; `pipe`,
+    if given, must be that model); `partitions`: default `default_partitions(model)`."""
     from tqdm import tqdm
 
     from .models.judge import load_judge
     from .models.tiny_dit import load_tiny_dit
     from .models.tiny_t2i import load_tiny
 
-    if model not in ("unet", "dit"):
-        raise ValueError(f"model={model!r}: use unet or dit")
+    partitions = default_partitions(model) if partitions is None else partitions
     if model == "dit" and "upstream" in partitions:
         raise ValueError('the reference code publishes no split for a transformer: use partition "auto" (or '
                          '"measured") with --model dit')
@@ -238,7 +256,7 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
                                  partition=run.partition, stride_reuse=run.stride_reuse)
         try:
             t0 = time.perf_counter()
-            imgs = generate(pipe, specs, seed, steps, guidance, batch, progress=bar)
+            imgs = generate(pipe, specs, seed, steps, guidance, batch, progress=bar, model=model)
             seconds = time.perf_counter() - t0
         finally:
             if handle is not None:

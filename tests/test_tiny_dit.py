@@ -34,7 +34,7 @@ def test_follows_held_out_prompts(pipe):
     """The judge reads every attribute of most samples as their (never trained on)
     prompts say, with guidance, at a reduced step count."""
     specs = ev.eval_specs(16)
-    images = ev.generate(pipe, specs, seed=0, steps=20, guidance=4.0)
+    images = ev.generate(pipe, specs, seed=0, steps=20, guidance=4.0, model="dit")
     _, pred = ev.judge_images(load_judge(), images)
     assert ev.adherence(pred, torch.tensor([s.labels() for s in specs])) >= 0.8
 

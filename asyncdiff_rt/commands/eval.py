@@ -43,7 +43,7 @@ def run(args) -> int:
         return 2
     try:
         result = run_eval(configs=args.configs, warmups=warmups, samples=args.samples, steps=args.steps,
-                          partitions=_list(args.partition or ("auto" if args.model == "dit" else "auto,upstream")),
+                          partitions=_list(args.partition) if args.partition else None,
                           stride_reuse=_list(args.stride_reuse), model=args.model,
                           guidance=args.guidance, prompts=args.prompts, seed=args.seed, batch=args.batch,
                           out_dir=args.out, device=args.device,
