@@ -65,15 +65,7 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
             raise ValueError('partition="measured" needs the measured unit times (make_plan measures them)')
         return _auto(graph, n_components, list(costs), "measured")
     if spec == "upstream":
-        family = recognise_family(denoiser) if denoiser is not None else None
-        table = SPLITS.get(family, {}).get(n_components)
-        if table is None:
-            known = ", ".join(f"{f} (N={'/'.join(map(str, t))})" for f, t in SPLITS.items())
-            found = f"a {family} denoiser" if family else "an architecture with no published split"
-            raise ValueError(
-                f'partition="upstream" has no table for {found} with n_components={n_components}; '
-                f'published splits exist for {known}. Use partition="auto" or an explicit list of lists'
-            )
+        family, table = upstream_table(denoiser, n_components)
         return _explicit(graph, table, f"upstream:{family}")
     if isinstance(spec, (list, tuple)):
         if len(spec) != n_components:
@@ -83,6 +75,21 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
             )
         return _explicit(graph, spec, "explicit")
     raise ValueError(f"partition={spec!r} is unknown; use {CHOICES}")
+
+
+def upstream_table(denoiser, n_components):
+    """(family, the reference code's split) for `denoiser`'s block structure, found
+    without a trace; ValueError naming the fix where none is published."""
+    family = recognise_family(denoiser) if denoiser is not None else None
+    table = SPLITS.get(family, {}).get(n_components)
+    if table is None:
+        known = ", ".join(f"{f} (N={'/'.join(map(str, t))})" for f, t in SPLITS.items())
+        found = f"a {family} denoiser" if family else "an architecture with no published split"
+        raise ValueError(
+            f'partition="upstream" has no table for {found} with n_components={n_components}; '
+            f'published splits exist for {known}. Use partition="auto" or an explicit list of lists'
+        )
+    return family, table
 
 
 def _normalise(path):

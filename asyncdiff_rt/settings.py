@@ -6,8 +6,8 @@ from typing import NamedTuple
 import torch
 
 from .engine import resolve_executor
-from .engine.devices import count_devices, parse_devices
-from .partition import CHOICES, STRATEGIES, _normalise
+from .engine.devices import check_visible, count_devices, parse_devices
+from .partition import CHOICES, STRATEGIES, _normalise, upstream_table
 from .schedule import validate_settings
 
 
@@ -30,7 +30,7 @@ def check_settings(denoiser, n_components, stride, warmup, time_shift, partition
                    devices, executor, graphs):
     """Settings, checked against `denoiser` without tracing it; ValueError or TypeError
     naming the problem and the fix. Checks that need the trace (a module that is no unit,
-    more components than units) stay in partition.py."""
+    more components than units, where the output unit is) stay in partition.py."""
     validate_settings(None, warmup, stride, n_components, stride_reuse, time_shift)
     # numpy ints pass the check; downstream code (and its isinstance checks) wants Python ints
     n_components, stride, warmup = int(n_components), int(stride), int(warmup)
@@ -48,6 +48,8 @@ def check_settings(denoiser, n_components, stride, warmup, time_shift, partition
     resolved = resolve_executor(executor, devices)  # refuses unknown names
     if resolved == "reference" and devices is not None:
         _check_reference_devices(denoiser, devices, executor)
+    if resolved == "local" and devices is not None:
+        check_visible(devices)  # (a distributed rank opens only its own entry)
     return Settings(n_components, stride, warmup, time_shift, partition, stride_reuse, devices, resolved, graphs)
 
 
@@ -70,6 +72,8 @@ def _check_partition(denoiser, partition, n_components):
     if isinstance(partition, str):
         if partition not in STRATEGIES:
             raise ValueError(f"partition={partition!r} is unknown; use {CHOICES}")
+        if partition == "upstream":
+            upstream_table(denoiser, n_components)  # the table is found by block structure, without a trace
         return
     if not isinstance(partition, (list, tuple)):
         raise TypeError(f"partition={partition!r}: use {CHOICES}")
@@ -98,6 +102,22 @@ def _check_partition(denoiser, partition, n_components):
                 f"partition entry {entry!r} (component {c}) names no unit of this denoiser: it has no such "
                 f"module; {hint} (`asyncdiff-rt plan` lists the units)"
             )
+    _check_each_module_once(partition)
+
+
+def _check_each_module_once(partition):
+    """No empty component, no module listed twice (itself, or inside another listed one)."""
+    seen = {}  # normalised path -> its component
+    for c, entries in enumerate(partition):
+        if not entries:
+            raise ValueError(f"component {c} of the partition is empty; give every component at least one module")
+        for entry in entries:
+            path = _normalise(entry)
+            for other, where in seen.items():
+                if path == other or path.startswith(other + ".") or other.startswith(path + "."):
+                    raise ValueError(f"partition entry {entry!r} (component {c}) overlaps {other!r} (component "
+                                     f"{where}); give each module to one component")
+            seen[path] = c
 
 
 def _has_module(denoiser, path):

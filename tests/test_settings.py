@@ -105,7 +105,7 @@ DEFAULTS = dict(n_components=2, stride=1, warmup=1, time_shift=False, partition=
     (dict(n_components=np.int64(3), stride=np.int32(2), warmup=np.uint8(2)), "reference"),
     (dict(executor="reference", devices="cpu*2"), "reference"),  # the denoiser's own device type
     (dict(devices=("cpu", torch.device("cpu"))), "reference"),  # "auto" off the GPU: reference
-    (dict(executor="local", devices="cuda:0*2"), "local"),  # GPUs are checked when opened
+    pytest.param(dict(executor="local", devices="cuda:0*2"), "local", marks=pytest.mark.gpu),  # a GPU it sees
     (dict(partition=[["conv_in", "down_blocks[0]", "down_blocks.1", "down_blocks.2", "down_blocks.3", "mid_block"],
                      ["up_blocks[0]", "up_blocks.1", "up_blocks.2", "up_blocks.3", "conv_norm_out", "conv_out"]]),
      "reference"),

@@ -70,6 +70,18 @@ def lists_gpus(devices):
     return devices is not None and all(e.device.type == "cuda" for e in parse_devices(devices))
 
 
+def check_visible(devices):
+    """ValueError naming the fix for a listed GPU this process does not see (it asks the
+    driver how many there are; it makes no context)."""
+    for entry in parse_devices(devices):
+        if entry.device.type != "cuda":
+            continue
+        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if entry.device.index >= seen:
+            raise ValueError(f"device {entry}: this process sees {seen} GPU(s); list devices it has "
+                             "(check CUDA_VISIBLE_DEVICES) or use 'cpu*N'")
+
+
 @dataclass
 class LocalDevice:
     """One device of the program: where its replica lives and the streams it runs on.
@@ -102,10 +114,7 @@ def open_devices(devices):
             names = [f"cpu#{i}" for i in range(entry.count)] if entry.virtual else ["cpu"]
             out += [LocalDevice(n, dev) for n in names]
             continue
-        if not torch.cuda.is_available() or dev.index >= torch.cuda.device_count():
-            seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            raise ValueError(f"device {entry}: this process sees {seen} GPU(s); list devices it has "
-                             "(check CUDA_VISIBLE_DEVICES) or use 'cpu*N'")
+        check_visible(entry)
         streams, sms = [], [0] * entry.count
         if entry.parts:
             partition = _sm_partition(dev.index, entry.parts)
