@@ -20,9 +20,10 @@ STEPS = 4
 EMBEDS, POOLED = tiny.tiny_prompt_embeddings()
 
 
-def sd3(pipe):
-    return pipe(prompt_embeds=EMBEDS, pooled_prompt_embeds=POOLED, negative_prompt_embeds=-EMBEDS,
-                negative_pooled_prompt_embeds=-POOLED, height=16, width=16, num_inference_steps=STEPS,
+def sd3(pipe, device="cpu"):
+    embeds, pooled = EMBEDS.to(device), POOLED.to(device)
+    return pipe(prompt_embeds=embeds, pooled_prompt_embeds=pooled, negative_prompt_embeds=-embeds,
+                negative_pooled_prompt_embeds=-pooled, height=16, width=16, num_inference_steps=STEPS,
                 output_type="latent", generator=torch.Generator().manual_seed(0)).images
 
 
@@ -73,10 +74,10 @@ def cpu_graphs(monkeypatch):
     return caches
 
 
-def parallel(pipe, **settings):
+def parallel(pipe, device="cpu", **settings):
     handle = asyncdiff_rt.parallelize(pipe, **settings)
     try:
-        return sd3(pipe), handle.denoiser.executor
+        return sd3(pipe, device), handle.denoiser.executor
     finally:
         handle.remove()
 
@@ -103,8 +104,8 @@ def test_addresses_skip_leaves_that_are_not_tensors():
 def test_sd3_captures_every_forward_on_virtual_devices(pipe):
     pipe = pipe.to("cuda")
     try:
-        sequential = sd3(pipe)
-        out, executor = parallel(pipe, n_components=2, warmup=1, devices="cuda:0*2")
+        sequential = sd3(pipe, "cuda")
+        out, executor = parallel(pipe, "cuda", n_components=2, warmup=1, devices="cuda:0*2")
         assert executor.graphs.failures == 0 and executor.graphs.captures > 0
         assert torch.isfinite(out).all() and not torch.equal(out, sequential)
     finally:
