@@ -11,7 +11,7 @@ and the fused step change nothing and log why; `unavailable_reason()` says why.
 """
 from ._runtime import interpreting, unavailable_reason
 from .guided_step import FusedStepHandle, fused_guided_step, install_fused_step, uninstall_fused_step
-from .routing import KernelRouting, apply, remove
+from .routing import KernelRouting, apply, remove, routed_module
 
 
 try:  # eager, so the function (not the submodule of the same name) is what the package exports
@@ -24,7 +24,7 @@ except ImportError as _exc:  # triton missing: the kernels cannot run, apply() s
 
 
 __all__ = [
-    "apply", "remove", "KernelRouting", "group_norm",
+    "apply", "remove", "routed_module", "KernelRouting", "group_norm",
     "fused_guided_step", "install_fused_step", "uninstall_fused_step", "FusedStepHandle",
     "interpreting", "unavailable_reason",
 ]
