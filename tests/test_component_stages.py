@@ -159,3 +159,15 @@ def test_kernels_at_w_equals_k_match_the_plain_denoiser_with_the_same_stages(une
     finally:
         applied.remove()
     assert torch.equal(local, plain)
+
+
+def test_runtime_routing_fuses_no_silu_into_a_norm_that_is_a_unit(unet, interpreter):
+    units = make_plan(unet, unet_inputs(unet), n_components=2).graph.paths
+    assert "conv_norm_out" in units
+    routing = K.apply(unet, units=units)
+    try:
+        routed = list(routing.routed)
+    finally:
+        routing.remove()
+    assert "conv_norm_out (GroupNorm)" in routed and not any(r.startswith("conv_act") for r in routed)
+    assert "down_blocks.0.resnets.0.norm1 (GroupNorm+SiLU)" in routed  # within one unit: fused
