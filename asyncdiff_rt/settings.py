@@ -120,14 +120,14 @@ def check_stages(denoiser, kernels, compile):
         raise ValueError(f"kernels={kernels!r}: use 'auto' (the Triton kernels where forwards replay CUDA graphs on "
                          "GPUs), True (wherever Triton runs) or False (torch's GroupNorm)")
     if not isinstance(compile, bool) and compile not in COMPILE_MODES:
-        hint = (" (it captures CUDA graphs of its own, inside the executor's; graphs=False does not change that)"
-                if compile in ("reduce-overhead", "max-autotune") else "")
-        raise ValueError(f"compile={compile!r}{hint}: use False (eager units), True (torch.compile's default mode) "
+        hint = (" captures CUDA graphs of its own, inside the executor's graph of each forward;"
+                if compile in ("reduce-overhead", "max-autotune") else ":")
+        raise ValueError(f"compile={compile!r}{hint} use False (eager units), True (torch.compile's default mode) "
                          f"or one of {COMPILE_MODES}")
     if kernels is True and compile is not False:
-        raise ValueError(f"kernels=True with compile={compile!r}: the compiled units would break their graphs at "
-                         "every routed GroupNorm; choose one (the compiler fuses GroupNorm+SiLU itself), or leave "
-                         "kernels='auto', which steps aside for compile")
+        raise ValueError(f"kernels=True with compile={compile!r}: the stages are not combined (the compiler makes "
+                         "its own fused GroupNorm+SiLU); choose one, or leave kernels='auto', which steps aside for "
+                         "compile")
     from .kernels import routed_module
 
     routed = routed_module(denoiser)

@@ -1,7 +1,8 @@
 """Triton kernels for the denoiser and the sampler loop (imported as `asyncdiff_rt.kernels`).
 
-* `apply(denoiser)` / `remove(denoiser)`: GroupNorm(+SiLU) of diffusers UNets through
-  one fused kernel (`group_norm.py`), reversibly, weights untouched.
+* `apply(denoiser, units=None)` / `remove(denoiser)`: GroupNorm(+SiLU) of diffusers UNets
+  through one fused kernel (`group_norm.py`), reversibly, weights untouched; `units`: the
+  runtime's (no SiLU fused across them). `parallelize(kernels=...)` applies it per device.
 * `install_fused_step(scheduler)` / `fused_guided_step(...)`: guidance plus the DDIM,
   Euler or DPM-Solver++ 2M update in one launch (`scheduler_step.py`, `guided_step.py`).
 * `group_norm(x, groups, weight, bias, eps, silu=False)`: the kernel as a function.
