@@ -127,7 +127,7 @@ def test_a_stage_that_cannot_run_falls_back_with_one_logged_reason(monkeypatch, 
         handle.remove()
 
 
-def test_kernels_auto_route_nothing_on_the_cpu(unet):
+def test_kernels_auto_route_nothing_on_the_cpu():
     from asyncdiff_rt.engine.stages import resolve_stages
 
     for executor in ("reference", "local", "distributed"):

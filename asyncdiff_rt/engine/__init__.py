@@ -5,8 +5,8 @@ from .reference import ReferenceExecutor
 from .stages import EAGER
 
 
-def _reference(denoiser, plan, devices=None, stages=None):
-    return ReferenceExecutor(denoiser, plan, stages=stages or EAGER)  # on the denoiser's device, whatever the plan's devices
+def _reference(denoiser, plan, devices=None, stages=EAGER):
+    return ReferenceExecutor(denoiser, plan, stages=stages)  # on the denoiser's device, whatever the plan's devices
 
 
 def _distributed(denoiser, plan, devices=None, **options):
