@@ -99,13 +99,24 @@ def _no_dynamo(monkeypatch):
     monkeypatch.setattr("torch._dynamo.is_dynamo_supported", lambda: False)
 
 
+@pytest.fixture(scope="module")
+def eager_images():
+    """The tiny pipeline at N = 2 with no stages (the reference executor)."""
+    pipe = tiny_sd_pipeline("sd15")
+    handle = asyncdiff_rt.parallelize(pipe, n_components=2, kernels=False)
+    try:
+        return pipe("a cat", num_inference_steps=2, output_type="np").images
+    finally:
+        handle.remove()
+
+
 @pytest.mark.parametrize("fake, settings, reason", [
     (_no_triton, dict(kernels=True), "triton is not installed (faked)"),
     (_no_compiler, dict(compile=True), "no C++ compiler"),
     (_no_dynamo, dict(compile="max-autotune-no-cudagraphs"), "not supported on this Python"),
 ])
-def test_a_stage_that_cannot_run_falls_back_with_one_logged_reason(monkeypatch, caplog, interpreter, fake,
-                                                                   settings, reason):
+def test_a_stage_that_cannot_run_falls_back_with_one_logged_reason(monkeypatch, caplog, interpreter, eager_images,
+                                                                   fake, settings, reason):
     fake(monkeypatch)
     pipe = tiny_sd_pipeline("sd15")
     with caplog.at_level(logging.INFO, logger="asyncdiff_rt"):
@@ -119,12 +130,7 @@ def test_a_stage_that_cannot_run_falls_back_with_one_logged_reason(monkeypatch, 
     stage_logs = [r for r in caplog.records if r.name == "asyncdiff_rt.engine.stages"]
     assert len(stage_logs) == 1 and reason in stage_logs[0].getMessage(), [r.getMessage() for r in stage_logs]
     assert stage_logs[0].levelno == logging.WARNING
-    reference = tiny_sd_pipeline("sd15")
-    handle = asyncdiff_rt.parallelize(reference, n_components=2)
-    try:  # the eager program, bit for bit
-        assert (got == reference("a cat", num_inference_steps=2, output_type="np").images).all()
-    finally:
-        handle.remove()
+    assert (got == eager_images).all()  # the eager program, bit for bit
 
 
 def test_kernels_auto_route_nothing_on_the_cpu():
