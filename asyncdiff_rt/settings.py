@@ -130,6 +130,33 @@ def _has_module(denoiser, path):
     return True
 
 
+def check_stages(denoiser, kernels, compile):
+    """The forward's stages (engine/stages.py): `kernels` "auto", True or False; `compile`
+    False, True or a torch.compile mode without CUDA graphs of its own. The denoiser must
+    not be routed through the kernels already (their SiLU fusion ignores unit boundaries)."""
+    from .engine.stages import COMPILE_MODES
+
+    if kernels not in ("auto", True, False) or not isinstance(kernels, (str, bool)):
+        raise ValueError(f"kernels={kernels!r}: use 'auto' (the Triton kernels where forwards replay CUDA graphs on "
+                         "GPUs), True (wherever Triton runs) or False (torch's GroupNorm)")
+    if not isinstance(compile, bool) and compile not in COMPILE_MODES:
+        hint = (" captures CUDA graphs of its own, inside the executor's graph of each forward;"
+                if compile in ("reduce-overhead", "max-autotune") else ":")
+        raise ValueError(f"compile={compile!r}{hint} use False (eager units), True (torch.compile's default mode) "
+                         f"or one of {COMPILE_MODES}")
+    if kernels is True and compile is not False:
+        raise ValueError(f"kernels=True with compile={compile!r}: the stages are not combined (the compiler makes "
+                         "its own fused GroupNorm+SiLU); choose one, or leave kernels='auto', which steps aside for "
+                         "compile")
+    from .kernels import routed_module
+
+    routed = routed_module(denoiser)
+    if routed is not None:
+        raise ValueError(f"{routed or 'the denoiser'} is routed through asyncdiff_rt.kernels (kernels.apply), whose "
+                         "SiLU fusion does not know which outputs the runtime caches; call "
+                         "asyncdiff_rt.kernels.remove() on it and pass kernels=True to parallelize instead")
+
+
 def check_distributed(executor, process_group, timeout, transport=None):
     """The distributed executor's own settings: a process group and a transport only for
     it, and a positive timeout in seconds (how long a rank waits for a peer before raising)."""

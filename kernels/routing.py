@@ -15,6 +15,11 @@ same activation still runs on anything else (the time embedding of a ResnetBlock
 Calls the kernels cannot take (autograd on, a dtype or device they do not
 support) go to the module's own forward, so `apply` never changes results beyond
 rounding; `apply` itself changes nothing where Triton cannot run.
+
+`apply(denoiser, units=paths)` (what the runtime does) fuses a norm with its SiLU only
+where both lie in the same unit: a unit's output can be a cached copy, which carries no
+tag, so a fused norm that is a unit itself (the UNet's `conv_norm_out`) would have its
+SiLU applied twice by the activation after it. Such norms run as GroupNorm alone.
 """
 from __future__ import annotations
 
@@ -112,8 +117,16 @@ def _is_silu(m) -> bool:
     return type(m) is nn.SiLU
 
 
-def apply(denoiser: nn.Module) -> KernelRouting:
-    """Route `denoiser`'s GroupNorm(+SiLU) pairs through the fused kernels; idempotent."""
+def _unit_of(path: str, units: tuple[str, ...]) -> str | None:
+    """The innermost unit containing module `path` (None: it is in no unit)."""
+    inside = [u for u in units if path == u or path.startswith(f"{u}.")]
+    return max(inside, key=len) if inside else None
+
+
+def apply(denoiser: nn.Module, units=None) -> KernelRouting:
+    """Route `denoiser`'s GroupNorm(+SiLU) pairs through the fused kernels; idempotent.
+    `units`: module paths whose outputs may be cached copies (the runtime's units); a
+    norm is fused with its SiLU only where both lie in the same one."""
     if denoiser in _routings:
         return _routings[denoiser]
     why = unavailable_reason()
@@ -126,7 +139,12 @@ def apply(denoiser: nn.Module) -> KernelRouting:
     def at(path, attr):
         return f"{path}.{attr}" if path else attr
 
+    units = tuple(units or ())
+
     def fuse(owner, path, norm_attr, act_attr):
+        if units and _unit_of(at(path, norm_attr), units) != _unit_of(at(path, act_attr), units):
+            routing._route(getattr(owner, norm_attr), _norm_only, f"{at(path, norm_attr)} (GroupNorm)")
+            return
         routing._route(getattr(owner, norm_attr), _norm_silu, f"{at(path, norm_attr)} (GroupNorm+SiLU)")
         act = getattr(owner, act_attr)
         if id(act) not in passthrough:
@@ -149,6 +167,11 @@ def apply(denoiser: nn.Module) -> KernelRouting:
     logger.info("asyncdiff_rt.kernels.apply: %d GroupNorm sites routed in %s",
                 sum("GroupNorm" in r for r in routing.routed), type(denoiser).__name__)
     return routing
+
+
+def routed_module(denoiser: nn.Module) -> str | None:
+    """The path of a module of `denoiser` that `apply` routed (None: none is)."""
+    return next((path for path, m in denoiser.named_modules() if m in _routings), None)
 
 
 def remove(denoiser: nn.Module) -> None:

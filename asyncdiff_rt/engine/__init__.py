@@ -2,10 +2,11 @@
 from .devices import lists_gpus
 from .local import LocalExecutor
 from .reference import ReferenceExecutor
+from .stages import EAGER
 
 
-def _reference(denoiser, plan, devices=None):
-    return ReferenceExecutor(denoiser, plan)  # on the denoiser's device, whatever the plan's devices
+def _reference(denoiser, plan, devices=None, stages=EAGER):
+    return ReferenceExecutor(denoiser, plan, stages=stages)  # on the denoiser's device, whatever the plan's devices
 
 
 def _distributed(denoiser, plan, devices=None, **options):
@@ -31,5 +32,5 @@ def make_executor(name, denoiser, plan, devices=None, **options):
     """`name` is "auto" or a key of EXECUTORS. `devices`: the plan's devices (None: the
     denoiser's own); the reference executor runs on the denoiser's device whatever they
     are. `options` go to the executor (local: graphs=True, backend=None; distributed:
-    group, timeout_s=30.0, graphs=True, transport=None)."""
+    group, timeout_s=30.0, graphs=True, transport=None; each: stages, stages.py)."""
     return EXECUTORS[resolve_executor(name, devices)](denoiser, plan, devices=devices, **options)

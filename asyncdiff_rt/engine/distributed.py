@@ -35,6 +35,7 @@ from .mailbox import Mailbox, Route
 from .peers import PeerFailure, Peers
 from .process_group import rank_device
 from .replica import Replica, call_layout, replicate, weight_bytes
+from .stages import EAGER
 from .stats import ExecutorStats
 from .transports import choose_transport
 
@@ -65,7 +66,8 @@ class _Wires:
 class DistributedExecutor:
     name = "distributed"
 
-    def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True, transport=None):
+    def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True, transport=None,
+                 stages=EAGER):
         self.plan = plan
         self.peers = Peers(group, timeout_s)
         self.rank = self.peers.rank
@@ -78,7 +80,7 @@ class DistributedExecutor:
         self._links = self.transport.links() if self.transport.mailbox else None
         paths, own = plan.graph.paths, plan.partition.components[min(self.rank, plan.n_components - 1)]
         module = replicate(denoiser, [p for p in paths if p not in own], self.device, keep=plan.graph.read_outside)
-        self.replica = Replica(module, paths, own, self.device, plan.transfers.skipped_arguments(self.rank))
+        self.replica = Replica(module, paths, own, self.device, plan.transfers.skipped_arguments(self.rank), stages)
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stats = ExecutorStats(plan.n_devices)
         self.timeline = None

@@ -29,6 +29,7 @@ from .call import timestep_table
 from .devices import count_devices, open_devices
 from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
+from .stages import EAGER
 from .stats import ExecutorStats
 from .transfer import TransferEngine
 
@@ -56,7 +57,7 @@ class _Layout:
 class LocalExecutor:
     name = "local"
 
-    def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None):
+    def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None, stages=EAGER):
         self.plan = plan
         self.home = next(denoiser.parameters()).device
         n = plan.n_devices
@@ -71,7 +72,7 @@ class LocalExecutor:
         gpus = sorted({lane.device.index for lane in self.lanes if lane.device.type == "cuda"})
         try:
             self.engine = TransferEngine(backend if backend or gpus else "cpu", devices=gpus, record_streams=False)
-            self._replicate(denoiser)
+            self._replicate(denoiser, stages)
         except BaseException:
             self._devices.close()
             raise
@@ -110,7 +111,7 @@ class LocalExecutor:
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self._program = None
 
-    def _replicate(self, denoiser):
+    def _replicate(self, denoiser, stages):
         paths, comps = self.plan.graph.paths, self.plan.partition.components
         self.replicas = []
         for d, lane in enumerate(self._devices.devices):
@@ -118,7 +119,7 @@ class LocalExecutor:
             module = replicate(denoiser, [p for p in paths if p not in own], lane.device,
                                keep=self.plan.graph.read_outside)
             skipped = self.plan.transfers.skipped_arguments(d)
-            self.replicas.append(Replica(module, paths, own, lane.device, skipped))
+            self.replicas.append(Replica(module, paths, own, lane.device, skipped, stages))
 
     # ---------------------------------------------------------------- generation
     def start(self, program, timesteps):

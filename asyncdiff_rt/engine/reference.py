@@ -9,6 +9,7 @@ import torch.utils._pytree as pytree
 
 from ..profiling.nvtx import RANGES
 from ..schedule import Emit, Forward, Send, SendLatent
+from .stages import EAGER, apply_stages
 from .stats import ExecutorStats
 from .substitution import UnitSwitch
 
@@ -16,10 +17,16 @@ from .substitution import UnitSwitch
 class ReferenceExecutor:
     name = "reference"
 
-    def __init__(self, denoiser, plan, switch=None):
+    def __init__(self, denoiser, plan, switch=None, stages=EAGER):
         self.plan = plan
         self._owns_switch = switch is None
-        self._switch = switch or UnitSwitch(denoiser, plan.graph.paths)
+        # the stages of every device, on the one denoiser (stages.py), under the unit switch
+        self._stages = apply_stages(denoiser, plan.graph.paths, plan.graph.paths, stages) if switch is None else None
+        try:
+            self._switch = switch or UnitSwitch(denoiser, plan.graph.paths)
+        except BaseException:
+            self._stages.remove()  # nothing left half-made
+            raise
         self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self.stats = ExecutorStats(plan.n_devices)
         self._program = None
@@ -97,6 +104,7 @@ class ReferenceExecutor:
     def close(self):
         if self._owns_switch:
             self._switch.remove()
+            self._stages.remove()
 
 
 def _nbytes(tree):

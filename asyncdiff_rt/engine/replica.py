@@ -17,6 +17,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..arguments import labelled_leaves
+from .stages import EAGER, apply_stages
 from .substitution import UnitSwitch
 
 
@@ -100,16 +101,19 @@ class _StaticInputs:
 class Replica:
     """`module` (one device's copy of the denoiser) computing the units `compute`."""
 
-    def __init__(self, module, unit_paths, compute, device, skipped=frozenset()):
-        """`skipped`: labels of call arguments this device is not sent (arguments.py)."""
+    def __init__(self, module, unit_paths, compute, device, skipped=frozenset(), stages=EAGER):
+        """`skipped`: labels of call arguments this device is not sent (arguments.py);
+        `stages`: kernels and compile (stages.py), installed under the unit switch."""
         self.module, self.device = module, device
         self.compute, self.skipped = frozenset(compute), frozenset(skipped)
+        self.stages = apply_stages(module, unit_paths, [p for p in unit_paths if p in self.compute], stages)
         self.switch = UnitSwitch(module, unit_paths)
         self._statics = {}  # input layout -> _StaticInputs
         self._loaded = None
 
     def close(self):
         self.switch.remove()
+        self.stages.remove()
         self._statics.clear()
 
     def drop(self, layout):

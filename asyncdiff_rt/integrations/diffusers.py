@@ -7,10 +7,11 @@ import torch
 
 from ..async_denoiser import AsyncDenoiser
 from ..engine import make_executor
+from ..engine.stages import resolve_stages
 from ..plan import make_plan
 from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
 from ..engine.transports import check_transport
-from ..settings import check_distributed, check_settings
+from ..settings import check_distributed, check_settings, check_stages
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -91,7 +92,7 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0, transport=None):
+                timeout=30.0, transport=None, kernels="auto", compile=False):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -103,6 +104,13 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     "auto" runs `local` on GPU device lists and `reference` otherwise. `graphs=False`
     makes the local executor run every forward eagerly (for debugging and profiling
     single kernels); the reference executor always does.
+
+    How each device's forward is built: `kernels` routes the UNet's GroupNorm(+SiLU)
+    through the Triton kernels ("auto": where forwards replay CUDA graphs on GPUs, where
+    they were measured faster; True: wherever Triton runs; False: never); `compile`
+    compiles each unit the device computes with torch.compile (False: eager, the default;
+    True or a mode such as "max-autotune-no-cudagraphs"). A stage that cannot run (no
+    Triton, no compiler) is dropped with one logged reason.
 
     `executor="distributed"` runs one process per device (README, "Several processes"):
     call parallelize on every rank with the same arguments; under torchrun it joins or
@@ -117,12 +125,16 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
     check_distributed(executor, process_group, timeout, transport)
-    options, agree = ({"graphs": graphs} if executor == "local" else {}), None
+    check_stages(unet, kernels, compile)
+    runs_on = rank_device(devices if executor != "reference" else None, unet, 0).type
+    stages = resolve_stages(kernels, compile, executor, runs_on, graphs)
+    options, agree = ({"graphs": graphs, "stages": stages} if executor == "local" else {"stages": stages}), None
     if executor == "distributed":
         kind = device_type(devices, unet)
         check_transport(transport, kind)
         group, _ = join_group(process_group, n_components + stride - 1, kind, timeout)
-        options = {"group": group, "timeout_s": float(timeout), "graphs": graphs, "transport": transport}
+        options = {"group": group, "timeout_s": float(timeout), "graphs": graphs, "transport": transport,
+                   "stages": stages}
         agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
     def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)
