@@ -1,12 +1,16 @@
 """AsyncDenoiser: a drop-in module with the denoiser's call signature that runs the
 AsyncDiff program.
 
-It follows the step index through the scheduler's timesteps: a new generation starts
-when the scheduler's `timesteps` tensor is a new object (every pipeline call runs
-`set_timesteps`) or a call comes for a step before the current one; the first timestep
-of a call locates its start in the list, so img2img and inpainting with strength < 1
-work. Schedulers that count their steps (`step_index`) say which step a call belongs to;
-for the others the timestep does.
+It follows the step index through the scheduler's timesteps. Pipelines pass the model an
+element of the timesteps list their loop runs over (a view of it): that list is the
+generation the call belongs to, and the element's position in it is the step, also where
+a scheduler repeats a timestep (Heun, PNDM). A timestep that is no such view (FLUX's
+t/1000) is placed by the scheduler's own count (`step_index`, PNDM's `counter`) or, where
+it keeps none, by its value in call order; then a new generation starts when the
+scheduler's `timesteps` tensor is a new object (every pipeline call runs `set_timesteps`)
+that the call does not continue, or a call comes for a step before the current one. The
+first step of a call locates its start in the list, so img2img and inpainting with
+strength < 1 work.
 
 Several calls within one step (Wan's or FLUX true CFG's separate guidance passes) are
 *roles* (SEMANTICS.md): the r-th call of a step is role r, an asynchronous stream of its
@@ -19,7 +23,11 @@ What it guards, so that no call silently computes something else:
   weights, dtype) is found at the start of the next generation, and the plan and
   executor are built again from the changed denoiser (`rebuild`);
 - a generation belongs to the thread that started it: another thread's call while it
-  runs is refused (one generation at a time per parallelized denoiser);
+  runs is refused (one generation at a time per parallelized denoiser) and touches none
+  of its state. The refused pipeline call has already run `set_timesteps` on the shared
+  scheduler, though: the running generation goes on only where that left what its
+  scheduler steps with as it was (the same timesteps, no step count or history to
+  reset: DDIM, DDPM), and raises otherwise rather than step a scheduler it lost;
 - inputs that change shape within a generation (a callback that drops the
   unconditional half) restart that role's warm-up for the rest of it at the new shapes.
 """
@@ -60,7 +68,7 @@ class AsyncDenoiser(torch.nn.Module):
         self._fingerprint = fingerprint(denoiser)
         self._lock = threading.RLock()
         self._owner = None  # the thread whose generation is running
-        self._timesteps_seen = self._steps = None
+        self._timesteps_seen = self._steps = self._checked_list = None
         self._roles = [_Role(executor)] if executor is not None else []
         self.rebuilds = 0
         self.removed = False
@@ -77,6 +85,24 @@ class AsyncDenoiser(torch.nn.Module):
             if inner is None:
                 raise
             return getattr(inner, name)
+
+    # Code that treats the wrapper as the denoiser (checkpoint converters, LoRA loaders,
+    # state-dict surgery) names its state with the denoiser's own keys, not "denoiser.*".
+    # A load changes the denoiser in place: the next generation's fingerprint finds it.
+    def state_dict(self, *args, **kwargs):
+        return self.denoiser.state_dict(*args, **kwargs)
+
+    def load_state_dict(self, state_dict, strict=True, assign=False):
+        return self.denoiser.load_state_dict(state_dict, strict=strict, assign=assign)
+
+    def named_parameters(self, *args, **kwargs):  # parameters() too
+        return self.denoiser.named_parameters(*args, **kwargs)
+
+    def named_buffers(self, *args, **kwargs):  # buffers() too
+        return self.denoiser.named_buffers(*args, **kwargs)
+
+    def named_modules(self, *args, **kwargs):  # modules() too; children() stay the wrapper's: the denoiser
+        return self.denoiser.named_modules(*args, **kwargs)
 
     def forward(self, *args, **kwargs):
         if self.removed:  # held by a pipeline made from the parallelized one: plain denoiser
@@ -119,8 +145,7 @@ class AsyncDenoiser(torch.nn.Module):
 
     def _step(self, call):
         scheduler = self._scheduler_source()
-        if self._steps is None or (scheduler.timesteps is not self._timesteps_seen
-                                   and not self._continues(scheduler, call)):
+        if self._steps is None or not self._continues(scheduler, call):
             self._begin(scheduler, call)
         k = self._locate(scheduler, call)
         if k is None:  # a step before the current one, or past the end: a new generation on the same list
@@ -140,20 +165,35 @@ class AsyncDenoiser(torch.nn.Module):
     def _locate(self, scheduler, call):
         """The step this call belongs to (the current one: another role; the next one), or
         None when it cannot continue this generation."""
-        if hasattr(type(scheduler), "step_index"):
-            index = scheduler.step_index
-            k = 0 if index is None else index - self._begin_at
+        index = _index_in(call.timestep, self._timesteps_seen)
+        if index is not None:  # the element the pipeline's loop passed: its position is the step
+            k = index - self._begin_at
+        elif (counted := _counted_step(scheduler, self._begin_at)) is not None:
+            k = counted
         else:
             k = self._k if self._k >= 0 and self._is_timestep_at(call, self._k) else self._k + 1
         if not self._k <= k < self._num_steps:
             return None
         if k > self._k + 1 or not self._is_timestep_at(call, k):
-            raise RuntimeError(
-                f"the denoiser was called with timestep {call.scheduler_value()} for step {k} of this generation, "
-                f"where the scheduler's list has {self._values[k]}; AsyncDiff follows the scheduler step by step, "
-                "from the pipeline it was parallelized on (a pipeline made from it with from_pipe or "
-                "**pipe.components and its own scheduler must not share its denoiser: give it handle.original)")
+            raise RuntimeError(self._out_of_order(call, k))
         return k
+
+    def _out_of_order(self, call, k):
+        """Why a call does not fit step `k`: a timestep the scheduler does not list comes from
+        another scheduler (a derived pipeline's own); a listed one out of turn, from a loop
+        that skips or repeats steps the scheduler does not count."""
+        value = call.scheduler_value()
+        where = (f"the denoiser was called with timestep {value} for step {k} of this generation, where the "
+                 f"scheduler's list has {self._values[k]}")
+        if not any(_is_model_timestep(call, v) for v in self._values):
+            return (f"{where}, and {value} is not in that list: the call comes from a pipeline with another "
+                    "scheduler (one made with from_pipe or **pipe.components and a scheduler of its own must not "
+                    "share this denoiser: give it handle.original)")
+        if k > self._k + 1:
+            return f"{where}, after step {self._k}: a step was skipped; AsyncDiff needs every step, in order"
+        return (f"{where}: the calls do not follow the list in order, and the scheduler has no step counter "
+                "(`step_index`) that says which step a repeated timestep belongs to; call the denoiser once per "
+                "entry of the scheduler's timesteps, in order, passing that entry")
 
     def _is_timestep_at(self, call, k):
         # Most pipelines pass the scheduler's own element (or a view of it): comparing
@@ -183,19 +223,48 @@ class AsyncDenoiser(torch.nn.Module):
         return role
 
     def _continues(self, scheduler, call):
-        """Whether a call whose scheduler has a new timesteps list still continues the
-        running generation: another caller set the same list again (e.g. a refused
-        thread), and this is the step expected next. A new generation starts at its
-        first timestep (or at the scheduler's begin index)."""
-        begin = getattr(scheduler, "begin_index", None)
-        if self._k <= 0 or begin not in (None, self._begin_index):
-            return False
-        if self._list_values(scheduler) != self._all_values:
-            return False
-        if not any(_is_model_timestep(call, self._values[k]) for k in (self._k, self._k + 1) if k < self._num_steps):
-            return False
-        self._timesteps_seen = scheduler.timesteps
+        """Whether the call belongs to the running generation. The element the pipeline's
+        loop passes says which list it runs over: the generation's (then it continues,
+        whatever another caller has since set on the shared scheduler) or the scheduler's
+        new one (a new pipeline call). A timestep that is no such view is placed by value:
+        a new list starts a new generation unless the call is at the running one's current
+        or next step and not at the new list's start."""
+        timesteps, ours = scheduler.timesteps, self._timesteps_seen
+        if _index_in(call.timestep, ours) is None:
+            if timesteps is ours:
+                return True
+            if _index_in(call.timestep, timesteps) is not None or not self._may_continue(scheduler, call):
+                return False
+        if timesteps is not ours and timesteps is not self._checked_list:
+            self._check_scheduler_kept(scheduler)
         return True
+
+    def _may_continue(self, scheduler, call):
+        """By value: whether a call on a scheduler with a new timesteps list is the running
+        generation's current or next step rather than a new generation's first."""
+        begin = getattr(scheduler, "begin_index", None)
+        if self._k < 0 or begin not in (None, self._begin_index):
+            return False
+        values = self._list_values(scheduler)
+        if values and _is_model_timestep(call, values[begin or 0]):
+            return False
+        return any(_is_model_timestep(call, self._values[k]) for k in (self._k, self._k + 1) if k < self._num_steps)
+
+    def _check_scheduler_kept(self, scheduler):
+        """The running generation continues after another caller (a refused thread's
+        pipeline call) ran `set_timesteps` on the shared scheduler: only where that left
+        what the pipeline steps with as it was; otherwise its result would be wrong."""
+        where = (f"another pipeline call ran set_timesteps on the shared {type(scheduler).__name__} while this "
+                 f"generation ran (at step {self._k} of {self._num_steps})")
+        advice = ("; this generation stops here. Serialise the pipeline calls (a lock around pipe(...)) or "
+                  "parallelize one pipeline per thread")
+        if self._list_values(scheduler) != self._all_values:
+            raise RuntimeError(f"{where} and set other timesteps: the scheduler no longer steps this generation"
+                               + advice)
+        if _counted_step(scheduler, 0) is not None:
+            raise RuntimeError(f"{where}: that reset the scheduler's step count and history (`step_index` or "
+                               "`counter`, and the earlier steps' outputs a multistep scheduler keeps)" + advice)
+        self._checked_list = scheduler.timesteps  # the same list again, on a scheduler without step state
 
     def _list_values(self, scheduler):
         return [float(v) for v in scheduler.timesteps.tolist()]  # a host read: once per new list
@@ -204,7 +273,10 @@ class AsyncDenoiser(torch.nn.Module):
         self._follow_changes(call)
         timesteps = scheduler.timesteps
         values = self._list_values(scheduler)
-        start = self._begin_index = getattr(scheduler, "begin_index", None)
+        self._begin_index = getattr(scheduler, "begin_index", None)
+        start = _index_in(call.timestep, timesteps)  # the element the pipeline's loop passed
+        if start is None:
+            start = self._begin_index
         if start is None:
             first = call.scheduler_value()
             start = min(range(len(values)), key=lambda i: abs(values[i] - first))
@@ -215,6 +287,7 @@ class AsyncDenoiser(torch.nn.Module):
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
         self._timesteps_seen, self._all_values, self._begin_at = timesteps, values, start
+        self._checked_list = None  # a list another caller set, found harmless (_check_scheduler_kept)
         self._steps, self._values, self._num_steps = timesteps[start:], values[start:], len(values) - start
         self._k, self._role = -1, -1
         for role in self._roles:
@@ -251,6 +324,35 @@ class AsyncDenoiser(torch.nn.Module):
         if old is not None:
             self.executor.stats.absorb(old.stats)
         self._fingerprint = fingerprint(self.denoiser)
+
+
+def _index_in(timestep, timesteps):
+    """The position in the 1-D tensor `timesteps` of the element that `timestep` is a view
+    of (a pipeline's loop variable, maybe expanded to the batch), or None: no host read."""
+    if not (isinstance(timestep, torch.Tensor) and isinstance(timesteps, torch.Tensor)) or timesteps.ndim != 1:
+        return None
+    if timestep.dtype != timesteps.dtype or timestep.device != timesteps.device or len(timesteps) == 0:
+        return None
+    if any(s != 0 for s in timestep.stride()) and timestep.numel() != 1:
+        return None  # more than one element
+    if timestep.untyped_storage().data_ptr() != timesteps.untyped_storage().data_ptr():
+        return None
+    offset, stride = timestep.storage_offset() - timesteps.storage_offset(), timesteps.stride(0)
+    if stride <= 0 or offset % stride or not 0 <= offset // stride < len(timesteps):
+        return None
+    return offset // stride
+
+
+def _counted_step(scheduler, begin_at):
+    """The step of a generation that started at list position `begin_at` as the scheduler
+    counts it, or None where it counts none: `step_index` is a position in its timesteps
+    (None before its first step), PNDM's `counter` the steps taken since `set_timesteps`."""
+    if hasattr(type(scheduler), "step_index"):
+        index = scheduler.step_index
+        return 0 if index is None else index - begin_at
+    if isinstance(getattr(scheduler, "counter", None), int) and hasattr(scheduler, "ets"):  # PNDMScheduler
+        return scheduler.counter
+    return None
 
 
 def _is_model_timestep(call, value):

@@ -45,7 +45,6 @@ def test_remove_leaves_a_unet_assigned_meanwhile(pipe):
 
 
 def test_save_pretrained_writes_the_original_unet(pipe, tmp_path):
-    sequential = generate(pipe)
     handle = asyncdiff_rt.parallelize(pipe, n_components=2)
     try:
         pipe.save_pretrained(tmp_path)
@@ -54,8 +53,10 @@ def test_save_pretrained_writes_the_original_unet(pipe, tmp_path):
         handle.remove()
     assert "save_pretrained" not in pipe.__dict__
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
-    loaded.set_progress_bar_config(disable=True)
-    assert torch.equal(generate(loaded), sequential)
+    # Weights, not outputs: PyTorch does not promise bitwise results after a save/load round
+    # trip (here the loaded UNet's output differs by 1.4e-5 with equal weights).
+    saved, original = loaded.unet.state_dict(), pipe.unet.state_dict()
+    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
 
 
 def test_pipelines_made_from_a_parallelized_one(pipe):

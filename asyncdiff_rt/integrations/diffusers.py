@@ -1,5 +1,6 @@
 """`parallelize(pipe, ...)`: swap a diffusers pipeline's denoiser (`pipe.unet` or
 `pipe.transformer`) for an AsyncDenoiser."""
+import functools
 import logging
 from contextlib import contextmanager
 
@@ -81,7 +82,6 @@ class AsyncDiffHandle:
             return
         wrapper.removed = True
         wrapper.close()
-        self._pipe.__dict__.pop("save_pretrained", None)
         now = self._pipe.__dict__.get(self._attribute)
         if now is not wrapper:
             raise RuntimeError(
@@ -152,8 +152,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
-    if hasattr(type(pipe), "save_pretrained"):
-        pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, attribute, unet, wrapper)
+    _save_the_originals()
     return AsyncDiffHandle(pipe, attribute, unet, wrapper)
 
 
@@ -172,19 +171,49 @@ def _denoiser_attribute(pipe):
     return found[0]
 
 
-def _saving_the_original(pipe, attribute, original, wrapper):
-    """`pipe.save_pretrained` that writes the original denoiser (diffusers cannot save the
-    wrapper: its class is no diffusers model), as if the pipeline were not parallelized."""
-    save = type(pipe).save_pretrained
+def _save_the_originals():
+    """Make `DiffusionPipeline.save_pretrained` write the original denoiser in place of every
+    AsyncDenoiser a pipeline holds (once per process). diffusers saves only its own model
+    classes: it would drop the wrapper, and its entry, from the checkpoint. Pipelines made
+    from a parallelized one (from_pipe, **pipe.components) hold the wrapper too, and
+    diffusers builds them where `parallelize` never sees them: hence the class."""
+    try:
+        from diffusers import DiffusionPipeline
+    except ImportError:  # no diffusers: no pipeline to save
+        return
+    plain = DiffusionPipeline.save_pretrained
+    if getattr(plain, "saves_the_originals", False):
+        return
 
-    def save_pretrained(*args, **kwargs):
-        pipe.__dict__[attribute] = original
-        try:
-            return save(pipe, *args, **kwargs)
-        finally:
-            pipe.__dict__[attribute] = wrapper
+    @functools.wraps(plain)
+    def save_pretrained(self, *args, **kwargs):
+        with _originals_in_place(self):
+            return plain(self, *args, **kwargs)
 
-    return save_pretrained
+    save_pretrained.saves_the_originals = True
+    DiffusionPipeline.save_pretrained = save_pretrained
+
+
+@contextmanager
+def _originals_in_place(pipe):
+    """The pipeline as if it were not parallelized: each AsyncDenoiser it holds replaced by
+    the denoiser it wraps, in its attribute and in its config entry (a pipeline made from a
+    parallelized one registered the wrapper's class there)."""
+    from diffusers.pipelines.pipeline_loading_utils import _fetch_class_library_tuple
+
+    wrappers = {name: value for name, value in vars(pipe).items() if isinstance(value, AsyncDenoiser)}
+    if not wrappers:
+        yield
+        return
+    entries = {name: pipe.config[name] for name in wrappers if name in pipe.config}
+    try:
+        for name, wrapper in wrappers.items():
+            pipe.__dict__[name] = wrapper.denoiser  # bypasses DiffusionPipeline.__setattr__ and its config
+        pipe.register_to_config(**{name: _fetch_class_library_tuple(pipe.__dict__[name]) for name in entries})
+        yield
+    finally:
+        pipe.__dict__.update(wrappers)
+        pipe.register_to_config(**entries)
 
 
 def _example_inputs(denoiser):
