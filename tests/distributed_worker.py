@@ -5,12 +5,15 @@ torchrun's environment variables, or by torchrun itself).
                                        [--steps-at-rank STEPS --at-rank R]
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
                                        [--transport NAME] [--same-gpu] [--interrupt-after K]
+                                       [--mismatches --at-rank R]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
 OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised).
 `--inject` breaks rank R at its C-th time-embedding call (a shared module: every
 forward runs it). `--group` runs the program on those ranks of a bigger world (the
 host-framework case) and then checks the whole world still works (an all-reduce).
+`--mismatches` first runs two generations in which rank R alone passes other inputs
+(its prompts in the other order, then seed 1 instead of 0) and records what each raised.
 """
 import argparse
 import json
@@ -45,6 +48,8 @@ def main():
     p.add_argument("--interrupt-after", type=int, default=None,
                    help="first a generation that stops calling the denoiser after this step")
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
+    p.add_argument("--mismatches", action="store_true",
+                   help="first two generations where rank --at-rank passes other prompts, then another seed")
     args = p.parse_args()
     try:
         run(args)
@@ -83,6 +88,8 @@ def run(args):
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
         if args.interrupt_after is not None:
             _interrupted_generation(pipe, steps, args.interrupt_after)
+        if args.mismatches:
+            record["mismatches"] = _mismatches(pipe, steps, rank == args.at_rank)
         images = pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
                       output_type="pt").images
         torch.save(images.cpu(), out / f"rank{rank}.pt")
@@ -115,9 +122,22 @@ def _interrupted_generation(pipe, steps, last):
 
     pipe.__dict__["unet"] = Stopping()
     try:
-        pipe(PROMPTS, num_inference_steps=steps, output_type="pt")
+        pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="pt")
     finally:
         pipe.__dict__["unet"] = denoiser
+
+
+def _mismatches(pipe, steps, odd_one):
+    """Two generations in which this rank, if `odd_one`, alone passes other prompts, then
+    another seed: [{"type", "error"}] of what each raised (None where nothing was raised)."""
+    raised = []
+    for prompts, seed in ((PROMPTS[::-1] if odd_one else PROMPTS, 0), (PROMPTS, 1 if odd_one else 0)):
+        try:
+            pipe(prompts, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed), output_type="pt")
+            raised.append(None)
+        except Exception as e:
+            raised.append({"type": type(e).__name__, "error": str(e)})
+    return raised
 
 
 def _inject(module, how, at_call):

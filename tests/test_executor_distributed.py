@@ -128,7 +128,7 @@ def test_ranks_that_run_different_generations_all_stop(tmp_path):
     any forward, naming the rank and what differs, instead of exchanging garbage."""
     results = launch(tmp_path, 2, 2, 1, STEPS, "--steps-at-rank", STEPS + 2, "--at-rank", 0)
     for rank, (code, record, log) in results.items():
-        assert record is not None and record.get("type") == "ValueError", f"rank {rank}:\n{record}\n{log}"
+        assert record is not None and record.get("type") == "GenerationMismatch", f"rank {rank}:\n{record}\n{log}"
         assert "rank 0 runs a different generation than the host (rank 1)" in record["error"]
         assert f"steps: {STEPS + 2} vs {STEPS}" in record["error"]
 

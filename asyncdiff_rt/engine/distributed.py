@@ -28,6 +28,7 @@ import torch.utils._pytree as pytree
 from ..profiling.nvtx import RANGES
 from ..schedule import Emit, Forward, Send, SendLatent
 from . import wire
+from .agreement import GenerationMismatch, differences, generation_digest
 from .call import timestep_table
 from .graphs import GraphCache
 from .local import _moved, _on
@@ -142,6 +143,9 @@ class DistributedExecutor:
         except PeerFailure:
             self._stop()
             raise
+        except GenerationMismatch:  # every rank raises it at the same message: the group stays usable
+            self._program = None
+            raise
         except BaseException as e:
             self._stop()
             self.peers.fail(e)  # the other ranks raise now instead of at the timeout
@@ -164,10 +168,7 @@ class DistributedExecutor:
         if call.latent.device.type != self.device.type:
             raise ValueError(f"rank {self.rank}'s pipeline runs on {call.latent.device} but its device is "
                              f"{self.device}; move each rank's pipeline to its device (pipe.to(...))")
-        program = self._program
-        shapes = [(shape, dtype) for shape, dtype, _ in call.shapes()]  # devices differ between ranks
-        digest = (program.num_steps, program.warmup, program.stride, [float(t) for t in self._timesteps], shapes)
-        self._agree(digest)
+        self._agree(generation_digest(self._program, self._timesteps, call))
         self._table = timestep_table(self._timesteps, call, self.device)
         self._layout = call_layout(call)
         self._known = self._skeletons.pop(self._layout, {}) if self._layout is not None else {}
@@ -177,28 +178,40 @@ class DistributedExecutor:
                 self._skeletons.popitem(last=False)
 
     def _agree(self, digest):
-        """The host compares every rank's generation with its own and tells each the verdict."""
+        """The host compares every rank's generation (settings and a digest of its inputs:
+        agreement.py) with its own and tells each the verdict, so that every rank raises."""
         host, peers, device = self._program.host, self.peers, self._wire_device()
         what = f"comparing the generation's settings with rank {host}"
         if self.rank != host:
             peers.wait(peers.send_object(digest, host, what, device))
             verdict = peers.recv_object(host, what, device)
         else:
-            verdict = None
+            found = []
             for rank in range(peers.size - 1):
                 theirs = peers.recv_object(rank, f"comparing the generation's settings of rank {rank}", device)
-                if theirs != digest and verdict is None:
-                    verdict = (f"rank {rank} runs a different generation than the host (rank {host}): steps, "
-                               f"warm-up, stride, timesteps or input shapes differ ({_difference(theirs, digest)}); "
-                               "every rank must call the pipeline with the same arguments")
+                differs = differences(theirs, digest)
+                if differs:
+                    found.append(f"rank {rank} runs a different generation than the host (rank {host}): "
+                                 f"{'; '.join(differs)}")
+            verdict = None if not found else (
+                f"{'. '.join(found)}. Every rank must call the pipeline with the same arguments: the same prompt "
+                "and negative prompt, the same seed or generator (or latents=), the same input image, steps and "
+                "settings")
             for rank in range(peers.size - 1):
                 what = f"sending the verdict on the settings to rank {rank}"
                 peers.wait(peers.send_object(verdict, rank, what, device))
         if verdict is not None:
-            raise ValueError(verdict)
+            raise GenerationMismatch(verdict)
 
     def _wire_device(self):
+        """Where what the process group carries lives: gloo sends from the CPU."""
         return self.device if self.peers.backend == "nccl" else torch.device("cpu")
+
+    def _message_device(self):
+        """Where the per-step message buffers live: the rank's device when a mailbox
+        carries them (ipc copies from GPU to GPU whatever the group's backend), else the
+        group's."""
+        return self.device if self._links is not None else self._wire_device()
 
     # ---------------------------------------------------------------- instructions
     def _latent(self, ins):
@@ -224,9 +237,13 @@ class DistributedExecutor:
         calling the denoiser early), so that the next messages pair up with their own."""
         posted, self._posted = self._posted, {}
         if self.peers.failure is None and posted:
-            for k in sorted(posted):
-                self._complete(posted[k])
-            self._settle("finishing the messages of a generation cut short")
+            try:
+                for k in sorted(posted):
+                    self._complete(posted[k])
+                self._settle("finishing the messages of a generation cut short")
+            except PeerFailure:
+                self._stop()  # as in a step: no stream stays stuck, no slot is freed under a late copy
+                raise
 
     def _stop(self):
         """After a failure: no generation runs, and no GPU stream waits on a counter forever."""
@@ -302,6 +319,8 @@ class DistributedExecutor:
                 latent = self._wires.latent
                 latent.copy_(self._call.latent, non_blocking=True)
                 how = "replay" if self.graphs.captured(key) else "eager"
+                if how == "eager":  # a capture may follow, and it synchronizes: nothing may wait on a peer then
+                    self._settle(f"step {self._k}'s messages before a graph capture")
                 inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
                 with RANGES.range(f"step {self._k}/rank {self.rank}/forward ({how})"):
                     out, record = self.graphs.run(key, "rank", stream, lambda: replica.forward(latent, cache, compute),
@@ -367,9 +386,15 @@ class DistributedExecutor:
             known[path] = self.peers.recv_object(rank, what, self._wire_device())
         return _moved(self._receive_tree(known[path], rank, what), self.device)
 
-    def _receive_tree(self, skeleton, rank, what):
+    def _receive_tree(self, skeleton, rank, what, batched=False):
+        """Receive a message of `skeleton` from `rank`, in the form it was sent: NCCL pairs
+        a batched send only with a batched receive (batches and single operations run
+        on different communicators)."""
         buffer = wire.empty_buffer(skeleton, self._wire_device())
-        self.peers.wait([self.peers.irecv(buffer, rank, what)])
+        if batched:
+            self.peers.wait(self.peers.batch([(dist.irecv, buffer, rank, what)]))
+        else:
+            self.peers.wait([self.peers.irecv(buffer, rank, what)])
         tree = wire.views(skeleton, buffer)
         wire.refresh(tree, skeleton, buffer)
         return tree
@@ -384,7 +409,7 @@ class DistributedExecutor:
         key = (self._layout, messages) if self._layout is not None else None
         wires = self._layouts.get(key) if key is not None else None
         if wires is None or wires.skeletons != skeletons:
-            wires = _Wires(skeletons, self._wire_device())
+            wires = _Wires(skeletons, self._message_device())
             for src, units in sorted(incoming):
                 _, _, views = wires.message(wires.inbox, src, units)
                 for unit in units:
@@ -427,8 +452,8 @@ class DistributedExecutor:
         while len(self._layouts) > MAX_LAYOUTS:
             old, evicted = self._layouts.popitem(last=False)
             retired.append(evicted)
-            if self._stream is not None:
-                self._stream.synchronize()
+            if self._stream is not None:  # its graphs go: their last replay must be done
+                self._synchronize("dropping the graphs of an old input layout", [self._stream])
             self.graphs.drop(lambda k: k[3] == old)
             if all(k[0] != old[0] for k in self._layouts):
                 self.replica.drop((id(self), old[0]))
@@ -443,9 +468,8 @@ class DistributedExecutor:
             if self.rank in (src, dst):
                 box, peer = (wires.outbox, dst) if src == self.rank else (wires.inbox, src)
                 routes.append(Route(src, dst, units, wires.message(box, peer, units)[1].numel()))
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        wires.mailbox = Mailbox(self.rank, routes, self._links)
+        self._synchronize("finishing with the message slots of an old input layout", self._gpu_streams())
+        wires.mailbox = Mailbox(self.rank, routes, self._links)  # its host wait: on streams just found idle
         others = [p for p in range(self.peers.size) if p != self.rank]
         exports = self.peers.exchange_objects({p: wires.mailbox.export_for(p) for p in others},
                                               "sharing the addresses of the message slots", self._wire_device())
@@ -479,19 +503,38 @@ class DistributedExecutor:
             self._emitted = out
         else:
             what = f"receiving the prediction of step {k} from rank {host}"
-            received = self._receive_tree(self._out_skeleton, host, what)
+            received = self._receive_tree(self._out_skeleton, host, what, batched=True)  # as the host sends it
             self._emitted = _moved(received, self._call.latent.device)
 
-    def _settle(self, what):
-        """ipc: wait for this rank's stream within the timeout before the host copies
-        from it. The stream may wait on a peer's counter, and a copy to the host (this
-        executor's or the pipeline's) would block forever on a peer that died."""
+    def _settle(self, what, streams=None):
+        """ipc: wait within the timeout for this rank's current stream (or `streams`)
+        before the host copies from it or waits for it otherwise. The stream may wait on
+        a peer's counter, and a host wait (a copy to the host, this executor's or the
+        pipeline's; a graph capture's synchronize) would block forever on a peer that died."""
         watched = [p for p in range(self.peers.size) if p != self.rank]
         if self._links is None or self.device.type != "cuda" or not watched:
             return
-        event = torch.cuda.Event()
-        event.record(torch.cuda.current_stream(self.device))
-        self.peers.wait_until(event.query, watched[0], what, alive=lambda: all(self._links.alive(p) for p in watched))
+        events = []
+        for stream in streams or [torch.cuda.current_stream(self.device)]:
+            events.append(torch.cuda.Event())
+            events[-1].record(stream)
+        self.peers.wait_until(lambda: all(e.query() for e in events), watched, what, alive=self._links.alive)
+
+    def _gpu_streams(self):
+        """Every stream this rank's work runs on (none off the GPU)."""
+        if self.device.type != "cuda":
+            return []
+        return [torch.cuda.current_stream(self.device), self._stream, *(self._links.streams() if self._links else [])]
+
+    def _synchronize(self, what, streams):
+        """Wait for `streams` (None entries skipped): within the timeout under ipc with
+        peers (settle), plainly otherwise."""
+        streams = [s for s in streams if s is not None]
+        if self._links is not None and self.peers.size > 1:
+            self._settle(what, streams)
+        else:
+            for stream in streams:
+                stream.synchronize()
 
     # ---------------------------------------------------------------- reporting
     def weights_per_device(self):
@@ -508,6 +551,11 @@ class DistributedExecutor:
                 self._drain()
             except PeerFailure:
                 pass
+        if any(w.mailbox is not None for w in self._every_wires()) and self.peers.failure is None:
+            try:  # this rank's last copies into the peers' slots land before their mappings go
+                self._synchronize("finishing this rank's last messages", self._gpu_streams())
+            except PeerFailure:
+                self._stop()
         self._program = None
         self.graphs.clear()
         for wires in self._every_wires():
@@ -521,8 +569,3 @@ class DistributedExecutor:
 
 def _copies(tree):
     return pytree.tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, tree)
-
-
-def _difference(theirs, mine):
-    names = ("steps", "warm-up", "stride", "timesteps", "input shapes")
-    return ", ".join(f"{n}: {a} vs {b}" for n, a, b in zip(names, theirs, mine) if a != b)[:300]

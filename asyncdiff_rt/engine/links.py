@@ -15,6 +15,7 @@ bounded by the timeout, and notice a peer that died or reported a failure.
 """
 import atexit
 import contextlib
+import ctypes
 from dataclasses import dataclass
 import os
 import platform
@@ -78,8 +79,7 @@ class SharedMemoryLinks:
     def wait(self, memory, index, target, peer, what):
         counters = memory.counters
         if not reached(int(counters[index]), target):
-            self.peers.wait_until(lambda: reached(int(counters[index]), target), peer, what,
-                                  alive=lambda: self.alive(peer))
+            self.peers.wait_until(lambda: reached(int(counters[index]), target), [peer], what, alive=self.alive)
 
     def alive(self, peer):
         return _alive(self.pids[peer])
@@ -107,6 +107,13 @@ class SharedMemoryLinks:
 
     def free(self, memory):
         _close(memory, unlink=True)
+
+    def keep(self, memory, remotes):
+        """After a failure, as always: a peer's late copy lands in its own mapping of the
+        segment, which outlives this rank's unmapping and unlinking."""
+        for remote in remotes:
+            self.close_remote(remote)
+        self.free(memory)
 
 
 _MAPPED = {}  # id -> (_Memory, whether this process made it): shared memory still mapped here
@@ -144,6 +151,7 @@ class CudaIpcLinks:
 
         self.C, self.device, self.pids = _C, device.index, pids
         self.comm, self.recv = torch.cuda.Stream(device), torch.cuda.Stream(device)
+        self._release = _release_stream(self.device)
         self._flush = True  # CU_STREAM_WAIT_VALUE_FLUSH, until the GPU says it cannot
         self._sent = {}  # route -> event after its last copy (its buffer may be packed again after it)
 
@@ -209,8 +217,12 @@ class CudaIpcLinks:
                             check_pointer=False)
 
     def force(self, memory, index, value):
-        side = torch.cuda.Stream(self.device)  # not behind any wait this rank's streams are stuck on
-        self.C.signal_write(side.cuda_stream, memory.counters + 4 * index, value & 0xFFFFFFFF, self.device)
+        # On the release stream: behind no wait that this rank's streams may be stuck on.
+        self.C.signal_write(self._release, memory.counters + 4 * index, value & 0xFFFFFFFF, self.device)
+
+    def streams(self):
+        """The streams this rank's messages run on (the executor bounds its waits for them)."""
+        return [self.comm, self.recv]
 
     def alive(self, peer):
         return _alive(self.pids[peer])
@@ -229,11 +241,57 @@ class CudaIpcLinks:
             self.C.ipc_close(handle, self.device)
 
     def free(self, memory):
-        torch.cuda.synchronize(self.device)  # this rank's last copies out of the slots are done
+        # The allocator reuses the slots once the copies out of them queued so far are done,
+        # with no host wait (a wait on a stream stuck on a dead peer's counter never ends).
+        memory.data.record_stream(self.recv)
         memory.data = None
+
+    def keep(self, memory, remotes):
+        """After a failure: keep this rank's slots and its mappings of the peers' for the
+        process's life. A peer's copy queued behind a released counter may still land in
+        these slots, and this rank's own queued copies in the peers'; freed, they would
+        land in whatever the allocator put there next (or fault on an unmapped address)."""
+        _KEPT_AFTER_FAILURE.append((memory, remotes))
 
 
 _KEPT_COUNTERS = []  # a few bytes per mailbox, for the process's life
+_KEPT_AFTER_FAILURE = []  # (slots, peers' mappings) of mailboxes released after a failure
+_RELEASE_STREAMS = {}  # GPU index -> the handle of its release stream
+CU_STREAM_NON_BLOCKING = 0x1
+
+
+def _release_stream(device):
+    """A stream of this process's own on GPU `device`, made once and never destroyed, to
+    release counters after a failure. Not from torch's pool: its streams are handed out
+    round-robin (32 per priority), so a stream taken from it may be this rank's
+    communication stream, stuck on the wait it should release. Non-blocking, so that it
+    does not wait for the legacy default stream either."""
+    if device not in _RELEASE_STREAMS:
+        _RELEASE_STREAMS[device] = _driver_stream(device, CU_STREAM_NON_BLOCKING)
+    return _RELEASE_STREAMS[device]
+
+
+def _driver_stream(device, flags):
+    """cuStreamCreate in GPU `device`'s primary context (the one torch uses): its handle."""
+    driver = _driver()
+    dev, context, stream = ctypes.c_int(), ctypes.c_void_p(), ctypes.c_void_p()
+
+    def check(result, call):
+        if result != 0:
+            raise RuntimeError(f"{call} failed with CUresult {result} (creating the release stream of GPU {device})")
+
+    check(driver.cuDeviceGet(ctypes.byref(dev), device), "cuDeviceGet")
+    check(driver.cuDevicePrimaryCtxRetain(ctypes.byref(context), dev), "cuDevicePrimaryCtxRetain")
+    check(driver.cuCtxPushCurrent_v2(context), "cuCtxPushCurrent")
+    try:
+        check(driver.cuStreamCreate(ctypes.byref(stream), flags), "cuStreamCreate")
+    finally:
+        driver.cuCtxPopCurrent_v2(ctypes.byref(ctypes.c_void_p()))
+    return stream.value
+
+
+def _driver():
+    return ctypes.CDLL("libcuda.so.1")  # loaded already wherever torch uses the GPU
 
 
 def _alive(pid):

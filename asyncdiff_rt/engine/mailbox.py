@@ -52,6 +52,7 @@ class Mailbox:
         self._sent = {route: 0 for route in self.outgoing}
         self._received = {route: 0 for route in self.incoming}
         self._mapped = {}  # rank -> (its memory mapped here, {route: (counter index, slot offsets)})
+        self._released = False
 
     def export_for(self, peer):
         """What `peer` needs to write into this rank's memory: its token, and per route
@@ -102,14 +103,21 @@ class Mailbox:
     def release(self):
         """After a failure: let every wait on this rank's counters pass (a GPU stream
         blocked on one would otherwise never finish)."""
+        self._released = True
         counts = {**self._received, **self._sent}  # no wait targets more than its own count
         for route, count in counts.items():
             self.links.force(self.memory, self._counter[route], count + RELEASE_MARGIN)
 
     def close(self):
-        for remote, _ in self._mapped.values():
-            self.links.close_remote(remote)
+        """Unmap the peers' memory and free this rank's; after a release, keep both
+        (links.keep): copies queued behind the released waits may still run."""
+        remotes = [remote for remote, _ in self._mapped.values()]
         self._mapped.clear()
+        if self._released:
+            self.links.keep(self.memory, remotes)
+            return
+        for remote in remotes:
+            self.links.close_remote(remote)
         self.links.free(self.memory)
 
 

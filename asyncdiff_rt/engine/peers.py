@@ -88,9 +88,10 @@ class Peers:
         except Exception as e:
             self._peer_failed(p, e)
 
-    def wait_until(self, done, peer, what, alive):
-        """Poll `done()` (a counter another process writes) within the timeout; PeerFailure
-        as soon as `peer`'s process is gone (`alive()` false) or a rank recorded a failure."""
+    def wait_until(self, done, watched, what, alive):
+        """Poll `done()` (a counter another process writes, a GPU event) within the
+        timeout; PeerFailure naming the rank as soon as the process of a rank in `watched`
+        is gone (`alive(rank)` false) or a rank recorded a failure."""
         self._check_usable()
         now = time.monotonic()
         deadline, check = now + self.timeout_s, now + CHECK_S
@@ -98,13 +99,15 @@ class Peers:
             now = time.monotonic()
             if now > check:
                 check = now + CHECK_S
-                if not alive():
-                    self._peer_failed(_Pending(None, peer, what), ConnectionError("its process is gone: closed"))
+                gone = next((p for p in watched if not alive(p)), None)
+                if gone is not None:
+                    self._peer_failed(_Pending(None, gone, what), ConnectionError("its process is gone: closed"))
                 stopped = next(iter(self._records() or {}), None)
                 if stopped is not None:
                     self._peer_failed(_Pending(None, stopped, what), ConnectionError("it stopped: closed"))
                 if now > deadline:
-                    self._peer_failed(_Pending(None, peer, what), TimeoutError(f"nothing within {self.timeout_s:g} s"))
+                    self._peer_failed(_Pending(None, watched[0], what),
+                                      TimeoutError(f"nothing within {self.timeout_s:g} s"))
             time.sleep(POLL_S)
 
     # ---------------------------------------------------------------- objects
