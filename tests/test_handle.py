@@ -55,7 +55,14 @@ def test_save_pretrained_writes_the_original_unet(pipe, tmp_path):
     assert "save_pretrained" not in pipe.__dict__
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
     loaded.set_progress_bar_config(disable=True)
-    assert torch.equal(generate(loaded), sequential)
+    assert type(loaded.unet) is type(handle.original)
+    for name in ("unet", "vae", "text_encoder"):  # what was written, exactly
+        saved, original = getattr(loaded, name).state_dict(), getattr(pipe, name).state_dict()
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), name
+    # Equal weights at other addresses need not compute bit-identical latents (PyTorch
+    # promises nothing there): measured 2026-12-03 on an AVX-512 AMD EPYC, one thread,
+    # max |difference| 1.4e-5 on latents up to 15.3.
+    torch.testing.assert_close(generate(loaded), sequential, atol=1e-4, rtol=0)
 
 
 def test_pipelines_made_from_a_parallelized_one(pipe):
