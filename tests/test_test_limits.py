@@ -28,8 +28,10 @@ def test_stuck_where_no_python_runs():
 def test_a_hanging_test_fails_at_its_limit_and_a_stuck_one_ends_the_run(tmp_path):
     conftest = Path(__file__).with_name("conftest.py").read_text()
     report_at_once = ("\ndef pytest_runtest_logreport(report):\n"  # the run ends before its summary
-                      "    if report.when == 'call':\n        print(report.nodeid, report.outcome, report.longreprtext)\n")
-    (tmp_path / "conftest.py").write_text(conftest.replace("STACKS_AFTER_S = 30", "STACKS_AFTER_S = 1") + report_at_once)
+                      "    if report.when == 'call':\n"
+                      "        print(report.nodeid, report.outcome, report.longreprtext)\n")
+    conftest = conftest.replace("STACKS_AFTER_S = 30", "STACKS_AFTER_S = 1")
+    (tmp_path / "conftest.py").write_text(conftest + report_at_once)
     (tmp_path / "pytest.ini").write_text("[pytest]\nmarkers =\n    timeout(seconds): limit\n")
     (tmp_path / "test_hanging.py").write_text(HANGING)
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_hanging.py"],
