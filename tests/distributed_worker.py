@@ -11,8 +11,9 @@ OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised,
 how many messages went through mailboxes). `--full-first` generates once more before
 anything else: OUT/rank<r>_first.pt, its stats as "first_stats".
 `--inject` breaks rank R at its C-th time-embedding call (a shared module: every
-forward runs it) and writes OUT/injected.json: when. `--group` runs the program on those ranks of a bigger world (the
-host-framework case) and then checks the whole world still works (an all-reduce).
+forward runs it) and writes when to OUT/injected.json. `--group` runs the program on
+those ranks of a bigger world (the host-framework case) and then checks the whole world
+still works (an all-reduce).
 """
 import argparse
 import json

@@ -25,7 +25,9 @@ STEPS = 8
 # A launch of 3 ranks took 120 s to end at load 18 on the shared 2-core machine (2026-12-03),
 # 20 s at a quiet moment: twice the first, within conftest's 300 s per-test limit.
 LAUNCH_S = 240
-LATE_S = 10.0  # the most a rank may raise later than the timeout after a peer fails (measured below)
+# After a peer fails, the others raised at most 2.3 s past the 4 s timeout (hang; 3.6 s after a
+# raise, 0.7 s after a kill) at load 15 on the shared 2-core machine (2026-12-03): 10 s allowed.
+LATE_S = 10.0
 
 
 def launch(tmp_path, world, *args, timeout=LAUNCH_S, hung=None):
