@@ -4,14 +4,17 @@ torchrun's environment variables, or by torchrun itself).
     python tests/distributed_worker.py OUT N S STEPS [--inject raise|kill|hang --at-rank R --at-call C]
                                        [--steps-at-rank STEPS --at-rank R]
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
-                                       [--transport NAME] [--same-gpu] [--interrupt-after K]
+                                       [--transport NAME] [--same-gpu] [--interrupt-after K] [--full-first]
                                        [--mismatches --at-rank R]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
-OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised).
+OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised, and
+how many messages went through mailboxes). `--full-first` generates once more before
+anything else: OUT/rank<r>_first.pt, its stats as "first_stats".
 `--inject` breaks rank R at its C-th time-embedding call (a shared module: every
-forward runs it). `--group` runs the program on those ranks of a bigger world (the
-host-framework case) and then checks the whole world still works (an all-reduce).
+forward runs it) and writes when to OUT/injected.json. `--group` runs the program on
+those ranks of a bigger world (the host-framework case) and then checks the whole world
+still works (an all-reduce).
 `--mismatches` first runs two generations in which rank R alone passes other inputs
 (its prompts in the other order, then seed 1 instead of 0) and records what each raised.
 """
@@ -50,6 +53,7 @@ def main():
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
     p.add_argument("--mismatches", action="store_true",
                    help="first two generations where rank --at-rank passes other prompts, then another seed")
+    p.add_argument("--full-first", action="store_true", help="a whole generation before everything else")
     args = p.parse_args()
     try:
         run(args)
@@ -62,12 +66,13 @@ def run(args):
     torch.set_num_threads(1)
     out, rank = Path(args.out), int(os.environ["RANK"])
     from asyncdiff_rt import parallelize
+    from asyncdiff_rt.engine.mailbox import Mailbox
     from asyncdiff_rt.models.tiny_t2i import load_tiny
 
     gpu = 0 if args.same_gpu else os.environ.get("LOCAL_RANK", 0)
     pipe = load_tiny(device=f"cuda:{gpu}" if args.cuda else None)
     if args.inject and rank == args.at_rank:
-        _inject(pipe.unet.time_embedding, args.inject, args.at_call)
+        _inject(pipe.unet.time_embedding, args.inject, args.at_call, out)
     group = None
     if args.same_gpu:
         dist.init_process_group("gloo")
@@ -79,27 +84,44 @@ def run(args):
         if rank not in members:
             _world_check(out, rank)
             return
-    record = {"rank": rank}
+    record = {"rank": rank, "mailbox_sends": 0}
+    _count_calls(Mailbox, "send", record, "mailbox_sends")
     start = time.monotonic()
     try:
         handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=1,
                              executor="distributed", process_group=group, timeout=args.timeout,
                              transport=args.transport)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
+        if args.full_first:
+            torch.save(_generate(pipe, steps), out / f"rank{rank}_first.pt")
+            record["first_stats"] = handle.stats()
         if args.interrupt_after is not None:
             _interrupted_generation(pipe, steps, args.interrupt_after)
         if args.mismatches:
             record["mismatches"] = _mismatches(pipe, steps, rank == args.at_rank)
-        images = pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                      output_type="pt").images
-        torch.save(images.cpu(), out / f"rank{rank}.pt")
+        torch.save(_generate(pipe, steps), out / f"rank{rank}.pt")
         record["stats"] = handle.stats()
     except Exception as e:
-        record["error"], record["type"] = str(e), type(e).__name__
+        record["error"], record["type"], record["failed_at"] = str(e), type(e).__name__, time.time()
     record["seconds"] = time.monotonic() - start
     (out / f"rank{rank}.json").write_text(json.dumps(record))
     if group is not None:
         _world_check(out, rank)
+
+
+def _generate(pipe, steps):
+    return pipe(PROMPTS, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                output_type="pt").images.cpu()
+
+
+def _count_calls(cls, name, record, key):
+    real = getattr(cls, name)
+
+    def counted(*args, **kwargs):
+        record[key] += 1
+        return real(*args, **kwargs)
+
+    setattr(cls, name, counted)
 
 
 def _interrupted_generation(pipe, steps, last):
@@ -140,13 +162,14 @@ def _mismatches(pipe, steps, odd_one):
     return raised
 
 
-def _inject(module, how, at_call):
+def _inject(module, how, at_call, out):
     calls = [0]
 
     def hook(*_):
         calls[0] += 1
         if calls[0] < at_call:
             return
+        (out / "injected.json").write_text(json.dumps({"at": time.time()}))  # the clock the ranks share
         if how == "raise":
             raise RuntimeError("injected failure")
         if how == "kill":

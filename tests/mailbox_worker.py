@@ -13,8 +13,8 @@ hosts never wait), and the receiver checks every message after the last.
 
 `--unsafe` removes one of the protocol's waits, to show that the test catches the race.
 `--stop` makes rank 0 die (SIGKILL) or report a failure, then sleep, after M sends.
-Writes OUT/rank<r>.json: the message numbers that arrived wrong, or the error raised
-and the seconds from the last message to it.
+Writes OUT/rank<r>.json: the message numbers that arrived wrong, or the error raised,
+the messages received before it and the seconds from the last of them to it.
 """
 import argparse
 import json
@@ -65,7 +65,8 @@ def main():
         try:
             record["wrong"] = _receive_all(mailbox, in_route, device, rank)
         except Exception as e:
-            record.update(error=str(e), type=type(e).__name__, seconds=time.monotonic() - _LAST[0])
+            record.update(error=str(e), type=type(e).__name__, seconds=time.monotonic() - _LAST["at"],
+                          received=_LAST["received"])
             (Path(args.out) / f"rank{rank}.json").write_text(json.dumps(record))
             return
         _send_all(mailbox, out_route, device, rank)
@@ -92,7 +93,7 @@ def _slow(side, m, rank):
     return random.Random(f"{rank} {side} {m}").random() < 0.3
 
 
-_LAST = [0.0]  # when the last message arrived
+_LAST = {"at": 0.0, "received": 0}  # when the last message arrived, and how many had
 
 
 def _send_all(mailbox, route, device, rank, stop=None):
@@ -118,7 +119,7 @@ def _receive_all(mailbox, route, device, rank):
         if _slow("receiver", m, rank):
             _delay(device, DELAY_S)
         mailbox.receive(route, buffers[m - 1])
-        _LAST[0] = time.monotonic()
+        _LAST.update(at=time.monotonic(), received=m)
     if device.type == "cuda":
         torch.cuda.synchronize()
     return [m for m in range(1, MESSAGES + 1) if not bool((buffers[m - 1] == m).all())]

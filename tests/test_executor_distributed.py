@@ -2,6 +2,7 @@
 torchrun would (its environment variables) or by torchrun itself: bit-for-bit equal to
 the reference executor, inside a process group a host framework made, and failures that
 end every rank within the timeout with a message naming the rank."""
+import functools
 import json
 import os
 import subprocess
@@ -21,9 +22,15 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("distributed_worker.py")
 PROMPTS = ["a red cube", "a blue ball"]  # as the worker's
 STEPS = 8
+# A launch of 3 ranks took 120 s to end at load 18 on the shared 2-core machine (2026-12-03),
+# 20 s at a quiet moment: twice the first, within conftest's 300 s per-test limit.
+LAUNCH_S = 240
+# After a peer fails, the others raised at most 2.3 s past the 4 s timeout (hang; 3.6 s after a
+# raise, 0.7 s after a kill) at load 15 on the shared 2-core machine (2026-12-03): 10 s allowed.
+LATE_S = 10.0
 
 
-def launch(tmp_path, world, *args, timeout=120, hung=None):
+def launch(tmp_path, world, *args, timeout=LAUNCH_S, hung=None):
     """Run `world` worker processes; {rank: (return code, record, log)}. Rank `hung` is
     killed once the others have exited."""
     port, start = free_port(), time.monotonic()
@@ -32,22 +39,26 @@ def launch(tmp_path, world, *args, timeout=120, hung=None):
              for r in range(world)]
     results = {}
     order = [r for r in range(world) if r != hung] + ([hung] if hung is not None else [])
-    for rank in order:
-        proc = procs[rank]
-        if rank == hung:
+    try:
+        for rank in order:
+            proc = procs[rank]
+            if rank == hung:
+                proc.kill()
+            try:
+                log, _ = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"rank {rank} did not exit within {timeout} s")
+            path = tmp_path / f"rank{rank}.json"
+            record = json.loads(path.read_text()) if path.exists() else None
+            results[rank] = (proc.returncode, record, log.decode(errors="replace")[-3000:])
+    finally:
+        for proc in procs:  # none outlives the test, whatever ended it
             proc.kill()
-        try:
-            log, _ = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            pytest.fail(f"rank {rank} did not exit within {timeout} s")
-        path = tmp_path / f"rank{rank}.json"
-        record = json.loads(path.read_text()) if path.exists() else None
-        results[rank] = (proc.returncode, record, log.decode(errors="replace")[-3000:])
+            proc.wait()
     return results
 
 
+@functools.cache  # several tests compare with the same run
 def reference_images(n, s):
     torch.set_num_threads(1)
     pipe = load_tiny()
@@ -63,14 +74,54 @@ def _ok(results):
         assert code == 0 and record is not None and "error" not in record, f"rank {rank} failed:\n{record}\n{log}"
 
 
+def torchrun_two_nodes(out, *args):
+    """torchrun --nnodes 2 with a local rendezvous, one rank per "node": as launch() returns."""
+    port = free_port()
+    procs = [subprocess.Popen([installed("torchrun"), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
+                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                               "--rdzv-id", "asyncdiff-test", str(WORKER), str(out), *map(str, args)],
+                              env={**os.environ, "OMP_NUM_THREADS": "1"},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in (0, 1)]
+    try:
+        logs = "\n".join(p.communicate(timeout=LAUNCH_S)[0].decode(errors="replace")[-3000:] for p in procs)
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    code = next((p.returncode for p in procs if p.returncode), 0)
+    records = [out / f"rank{rank}.json" for rank in (0, 1)]
+    return {rank: (code, json.loads(path.read_text()) if path.exists() else None, logs)
+            for rank, path in enumerate(records)}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """run(n, s) -> (folder, results): one launch per plan, shared by the tests that read it
+    (each launch costs every rank its imports and its trace). Each rank generates twice
+    (the first generation on a fresh executor: rank<r>_first.pt); 2x1 under torchrun on
+    two "nodes"; 2x2 as torchrun would launch it, with a generation cut short in between."""
+    made = {}
+
+    def run(n, s):
+        if (n, s) not in made:
+            out = tmp_path_factory.mktemp(f"plan{n}x{s}")
+            if s == 1:
+                made[n, s] = out, torchrun_two_nodes(out, n, s, STEPS, "--full-first")
+            else:
+                made[n, s] = out, launch(out, n + s - 1, n, s, STEPS, "--full-first", "--interrupt-after", 3)
+        return made[n, s]
+
+    return run
+
+
 @pytest.mark.parametrize("n,s", [(2, 1), (2, 2)])
-def test_equals_the_reference_bit_for_bit(tmp_path, n, s):
-    results = launch(tmp_path, n + s - 1, n, s, STEPS)
+def test_equals_the_reference_bit_for_bit(runs, n, s):
+    out, results = runs(n, s)
     _ok(results)
     expected = reference_images(n, s)
     for rank in results:
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected), f"rank {rank} differs"
-    stats = [results[r][1]["stats"] for r in results]
+        assert torch.equal(torch.load(out / f"rank{rank}_first.pt"), expected), f"rank {rank} differs"
+    stats = [results[r][1]["first_stats"] for r in results]
     assert all(st["transport"] == "gloo" and st["executor"] == "distributed" for st in stats)
     host = stats[-1]
     assert host["warmup_forwards"] == 1 and sum(host["received_bytes_per_device"]) > 0
@@ -80,16 +131,22 @@ def test_equals_the_reference_bit_for_bit(tmp_path, n, s):
 
 
 @pytest.mark.parametrize("transport", ["shm", "gloo"])
-def test_a_generation_cut_short_leaves_no_message_behind(tmp_path, transport):
+def test_a_generation_cut_short_leaves_no_message_behind(runs, tmp_path, transport):
     """A generation whose pipeline stops calling the denoiser early (diffusers' interrupt)
     leaves sent messages unreceived; the next generation must not read them as its own.
-    Over shared memory (mailboxes: static slots and counters) and gloo."""
-    results = launch(tmp_path, 3, 2, 2, STEPS, "--transport", transport, "--interrupt-after", 3)
+    Over shared memory (mailboxes: static slots and counters) as the first generation,
+    and over gloo (the CPU's default) after a whole one."""
+    if transport == "gloo":
+        out, results = runs(2, 2)
+    else:
+        out, results = tmp_path, launch(tmp_path, 3, 2, 2, STEPS, "--transport", transport, "--interrupt-after", 3)
     _ok(results)
     expected = reference_images(2, 2)
     for rank in results:
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected), f"rank {rank} differs"
+        assert torch.equal(torch.load(out / f"rank{rank}.pt"), expected), f"rank {rank} differs"
         assert results[rank][1]["stats"]["transport"] == transport
+    sends = [record["mailbox_sends"] for _, record, _ in results.values()]  # the messages took that transport
+    assert sum(sends) > 0 if transport == "shm" else sends == [0, 0, 0], sends
 
 
 def test_inside_a_group_of_a_bigger_world(tmp_path):
@@ -103,24 +160,16 @@ def test_inside_a_group_of_a_bigger_world(tmp_path):
     for rank in range(4):
         assert results[rank][0] == 0, results[rank][2]
         assert json.loads((tmp_path / f"world{rank}.json").read_text())["sum"] == 1 + 2 + 3 + 4
-    assert not (tmp_path / "rank0.json").exists() and not (tmp_path / "rank3.json").exists()
+    assert [(results[r][1]["stats"]["rank"], results[r][1]["stats"]["world"]) for r in (1, 2)] == [(0, 2), (1, 2)]
 
 
-def test_two_nodes_under_torchrun(tmp_path):
+def test_two_nodes_under_torchrun(runs):
     """torchrun --nnodes 2 with a local rendezvous: one rank per "node", the same images."""
-    port = free_port()
-    procs = [subprocess.Popen([installed("torchrun"), "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "1",
-                               "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
-                               "--rdzv-id", "asyncdiff-test", str(WORKER), str(tmp_path), "2", "1", str(STEPS)],
-                              env={**os.environ, "OMP_NUM_THREADS": "1"},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for node in (0, 1)]
-    logs = [p.communicate(timeout=180)[0].decode(errors="replace")[-3000:] for p in procs]
-    assert all(p.returncode == 0 for p in procs), logs
+    out, results = runs(2, 1)
+    _ok(results)
     expected = reference_images(2, 1)
     for rank in (0, 1):
-        record = json.loads((tmp_path / f"rank{rank}.json").read_text())
-        assert "error" not in record, record
-        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected)
+        assert torch.equal(torch.load(out / f"rank{rank}.pt"), expected)
 
 
 def test_ranks_that_run_different_generations_all_stop(tmp_path):
@@ -142,7 +191,7 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
     peer's process and time out like the group's."""
     timeout = 4.0
     results = launch(tmp_path, 3, 2, 2, STEPS, "--inject", how, "--at-rank", victim, "--at-call", 4,
-                        "--timeout", timeout, "--transport", transport, timeout=90,
+                        "--timeout", timeout, "--transport", transport,
                         hung=victim if how == "hang" else None)
     expected = {"kill": f"rank {victim} closed its connection",
                 "raise": f"rank {victim} failed at step",
@@ -151,10 +200,11 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
         if rank == victim and how != "raise":
             continue  # killed, or hung (and killed by the launcher once the others are done)
         assert record is not None and "error" in record, f"rank {rank} did not fail:\n{log}"
-        assert record["seconds"] < 20 + timeout, record  # parallelize, 4 steps, then at most the timeout
+        # from the victim's failure (at its 4th forward): its own forward, then at most the timeout
+        late = record["failed_at"] - json.loads((tmp_path / "injected.json").read_text())["at"]
+        assert late < timeout + LATE_S, (late, record)
         if rank == victim:
-            assert record["error"] == "injected failure"
-            continue
+            continue  # raised its own error
         assert record["type"] == "PeerFailure", record
         assert expected in record["error"] and "create a new one" in record["error"], record["error"]
         if how == "raise":
@@ -168,7 +218,7 @@ def test_the_distributed_bench_under_torchrun(tmp_path):
                            "--no-python", installed("asyncdiff-rt"),
                            "bench", "--distributed", "--steps", "4", "--prompts", "1", "--transports", "shm",
                            "--repeats", "1", "--out", str(tmp_path)],
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=180)
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=LAUNCH_S)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     result = json.loads((tmp_path / "bench_distributed_cpu.json").read_text())
     rows = [r for r in result["rows"] if r["ranks"] == 2]

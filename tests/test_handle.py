@@ -45,6 +45,7 @@ def test_remove_leaves_a_unet_assigned_meanwhile(pipe):
 
 
 def test_save_pretrained_writes_the_original_unet(pipe, tmp_path):
+    sequential = generate(pipe)
     handle = asyncdiff_rt.parallelize(pipe, n_components=2)
     try:
         pipe.save_pretrained(tmp_path)
@@ -53,10 +54,15 @@ def test_save_pretrained_writes_the_original_unet(pipe, tmp_path):
         handle.remove()
     assert "save_pretrained" not in pipe.__dict__
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path, safety_checker=None, requires_safety_checker=False)
-    # Weights, not outputs: PyTorch does not promise bitwise results after a save/load round
-    # trip (here the loaded UNet's output differs by 1.4e-5 with equal weights).
-    saved, original = loaded.unet.state_dict(), pipe.unet.state_dict()
-    assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved)
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.unet) is type(handle.original)
+    for name in ("unet", "vae", "text_encoder"):  # what was written, exactly
+        saved, original = getattr(loaded, name).state_dict(), getattr(pipe, name).state_dict()
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), name
+    # Equal weights at other addresses need not compute bit-identical latents (PyTorch
+    # promises nothing there): measured 2026-12-03 on an AVX-512 AMD EPYC, one thread,
+    # max |difference| 1.4e-5 on latents up to 15.3.
+    torch.testing.assert_close(generate(loaded), sequential, atol=1e-4, rtol=0)
 
 
 def test_pipelines_made_from_a_parallelized_one(pipe):

@@ -22,7 +22,12 @@ def _run(tmp_path, *args, codes=(0, 0)):
     port = free_port()
     procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args], env=rank_env(r, 2, port),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
-    logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
+    try:
+        logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
+    finally:
+        for p in procs:  # a worker that hangs must not outlive the test
+            p.kill()
+            p.wait()
     assert tuple(p.returncode for p in procs) == codes, logs
     return [json.loads(path.read_text()) for path in (tmp_path / "rank0.json", tmp_path / "rank1.json")
             if path.exists()]
@@ -44,8 +49,9 @@ def test_a_waiting_receiver_learns_its_sender_stopped(tmp_path, stop):
     shared memory with a 30 s timeout, raises at once, naming the sender and the cause."""
     records = _run(tmp_path, "--stop", stop, "--after", "5", codes=(-9 if stop == "kill" else 0, 0))
     receiver = records[-1]
-    assert receiver["type"] == "PeerFailure" and receiver["wrong"] == [], receiver
-    assert receiver["seconds"] < 2.0, receiver  # not the timeout
+    assert receiver["type"] == "PeerFailure" and receiver["received"] == 5, receiver  # waiting for the 6th
+    # not the 30 s timeout: 0.08-0.40 s measured (3 runs of each, 2026-12-03, a busy 2-core machine)
+    assert receiver["seconds"] < 10.0, receiver
     expected = "rank 0 closed its connection" if stop == "kill" else "rank 0 failed at step None: RuntimeError"
     assert expected in receiver["error"], receiver["error"]
 
@@ -63,8 +69,6 @@ def test_the_test_finds_a_missing_wait(tmp_path, unsafe):
 @pytest.mark.distributed
 @pytest.mark.parametrize("unsafe", [None, "free", "ready"])
 def test_cuda_ipc_between_two_processes_on_one_gpu(tmp_path, unsafe):
-    if not torch.cuda.is_available():
-        pytest.skip("needs a GPU")
     pytest.importorskip("asyncdiff_rt._C")
     wrong = _wrong(_run(tmp_path, "--cuda", *(["--unsafe", unsafe] if unsafe else [])))
     if unsafe is None:
@@ -126,8 +130,7 @@ def test_slots_alternate_and_counters_count():
     box.connect({1: {"token": ("theirs",), "routes": {out: (7, [0, 512]), into: (3, None)}}})
     for _ in range(3):
         box.send(out, torch.zeros(300, dtype=torch.uint8))
-    sends = [e for e in links.log if e[0] != "wait" or e[1] == 1]
-    assert sends == [("wait", 1, 0xFFFFFFFF), ("copy_to", 512), ("signal", 7, 1),
+    assert links.log == [("wait", 1, 0xFFFFFFFF), ("copy_to", 512), ("signal", 7, 1),
                      ("wait", 1, 0), ("copy_to", 0), ("signal", 7, 2),
                      ("wait", 1, 1), ("copy_to", 512), ("signal", 7, 3)]
     links.log.clear()

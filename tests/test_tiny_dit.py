@@ -1,7 +1,5 @@
 """The shipped tiny diffusion transformer: a stock PixArtAlphaPipeline, loaded offline,
 that follows held-out prompts; and asynchronous denoising on it, exact where it must be."""
-import os
-
 import pytest
 import torch
 
@@ -21,8 +19,6 @@ def test_loads_offline_as_a_stock_pipeline_and_generates(pipe):
     out = td.images(pipe, ["a large red circle at the center"], num_inference_steps=3,
                     generator=torch.Generator().manual_seed(0))
     assert out.shape == (1, 3, 32, 32) and 0 <= out.min() and out.max() <= 1
-    size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(td.WEIGHTS_DIR) for f in fs)
-    assert size <= 20 * 2**20
 
 
 def test_missing_weights_name_the_fix(tmp_path):
@@ -36,7 +32,8 @@ def test_follows_held_out_prompts(pipe):
     specs = ev.eval_specs(16)
     images = ev.generate(pipe, specs, seed=0, steps=20, guidance=4.0, model="dit")
     _, pred = ev.judge_images(load_judge(), images)
-    assert ev.adherence(pred, torch.tensor([s.labels() for s in specs])) >= 0.8
+    # measured 15 of 16 (0.9375) on 2026-12-03 (AVX-512 CPU, one thread): one more miss allowed
+    assert ev.adherence(pred, torch.tensor([s.labels() for s in specs])) >= 14 / 16
 
 
 def test_asynchronous_denoising_on_it(pipe):

@@ -52,12 +52,20 @@ def test_unet_has_the_sd15_block_structure():
 
 
 def test_shipped_weights_are_small():
-    """Each shipped model (the UNet with its judge; the transformer in test_tiny_dit) stays
-    within about 20 MB."""
+    """Everything under weights/: each shipped model (the UNet with its judge, the
+    transformer) within about 20 MB, and the training logs and README beside them within
+    1 MB (0.78 MB measured 2026-12-03)."""
     root = os.path.dirname(tt.WEIGHTS_DIR)
-    total = sum(os.path.getsize(os.path.join(d, f)) for name in ("tiny_t2i", "judge")
-                for d, _, fs in os.walk(os.path.join(root, name)) for f in fs)
-    assert total <= 20 * 2**20
+
+    def size(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    assert folders == ["judge", "tiny_dit", "tiny_t2i"], folders
+    assert size(os.path.join(root, "tiny_t2i")) + size(os.path.join(root, "judge")) <= 20 * 2**20
+    assert size(os.path.join(root, "tiny_dit")) <= 20 * 2**20
+    beside = sum(e.stat().st_size for e in os.scandir(root) if e.is_file())
+    assert beside <= 2**20
 
 
 def test_shipped_model_loads_offline_and_generates():
@@ -81,11 +89,17 @@ def test_save_and_load_round_trip(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     pipe.save_pretrained(str(tmp_path))
     again = tt.load_tiny(str(tmp_path))
+    for name in ("unet", "text_encoder"):
+        saved, original = getattr(again, name).state_dict(), getattr(pipe, name).state_dict()
+        assert saved.keys() == original.keys() and all(torch.equal(saved[k], original[k]) for k in saved), name
 
     def run(p):
         return p("a small red cross at the left", num_inference_steps=2,
                  generator=torch.Generator().manual_seed(1), output_type="pt").images
-    assert torch.equal(run(pipe), run(again))
+    # Equal weights at other addresses need not compute bit-identical images (PyTorch promises
+    # nothing there). Measured 2026-12-03, AVX-512 AMD EPYC, one thread: equal here; the same
+    # round trip of the tiny SD 1.5 differed by 1.4e-5 (test_handle.py); images are in [0, 1].
+    torch.testing.assert_close(run(again), run(pipe), atol=1e-4, rtol=0)
 
 
 def test_same_seed_same_image_whatever_the_batch():
@@ -95,6 +109,7 @@ def test_same_seed_same_image_whatever_the_batch():
                 output_type="pt").images
     one = pipe(prompts[1:], num_inference_steps=2, generator=[torch.Generator().manual_seed(6)],
                output_type="pt").images
+    # another batch size, other kernels: 2.8e-6 measured 2026-12-03 (AVX-512 AMD EPYC, one thread)
     assert torch.allclose(both[1:], one, atol=1e-5)
 
 
