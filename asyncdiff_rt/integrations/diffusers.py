@@ -11,6 +11,7 @@ from ..plan import make_plan
 from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
 from ..engine.transports import check_transport
 from ..settings import check_distributed, check_settings
+from ..stacking import PIPELINE_METHODS, check_stack
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -80,7 +81,8 @@ class AsyncDiffHandle:
             return
         wrapper.removed = True
         wrapper.close()
-        self._pipe.__dict__.pop("save_pretrained", None)
+        for name in PIPELINE_METHODS:
+            self._pipe.__dict__.pop(name, None)
         now = self._pipe.__dict__.get(self._attribute)
         if now is not wrapper:
             raise RuntimeError(
@@ -117,6 +119,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
     check_distributed(executor, process_group, timeout, transport)
+    check_stack(unet, executor)
     options, agree = ({"graphs": graphs} if executor == "local" else {}), None
     if executor == "distributed":
         kind = device_type(devices, unet)
@@ -126,6 +129,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
     def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)
+        check_stack(unet, executor)  # again: the denoiser may have changed since
         inputs = call.example() if call is not None else _example_inputs(unet)
         plan = make_plan(unet, inputs, n_components, stride, warmup, time_shift, partition, stride_reuse,
                          agree=agree)
@@ -140,8 +144,9 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
-    if hasattr(type(pipe), "save_pretrained"):
-        pipe.__dict__["save_pretrained"] = _saving_the_original(pipe, attribute, unet, wrapper)
+    for name, changes in PIPELINE_METHODS.items():
+        if hasattr(type(pipe), name):
+            pipe.__dict__[name] = _with_the_original(pipe, attribute, unet, wrapper, name, changes)
     return AsyncDiffHandle(pipe, attribute, unet, wrapper)
 
 
@@ -160,19 +165,27 @@ def _denoiser_attribute(pipe):
     return found[0]
 
 
-def _saving_the_original(pipe, attribute, original, wrapper):
-    """`pipe.save_pretrained` that writes the original denoiser (diffusers cannot save the
-    wrapper: its class is no diffusers model), as if the pipeline were not parallelized."""
-    save = type(pipe).save_pretrained
+def _with_the_original(pipe, attribute, original, wrapper, name, changes):
+    """`pipe.<name>` run with the original denoiser in place, as if the pipeline were not
+    parallelized (diffusers cannot save the wrapper, and its LoRA methods skip it: its class
+    is no diffusers model). One that `changes` the denoiser is refused within a generation."""
+    method = getattr(type(pipe), name)
 
-    def save_pretrained(*args, **kwargs):
+    def run(*args, **kwargs):
+        if changes and wrapper.running():
+            wrapper.reset()  # the generation ends with this error; the pipeline stays usable
+            raise RuntimeError(
+                f"pipe.{name}() was called within a generation (e.g. from a step callback): it would change the "
+                "denoiser under the caches this generation's devices computed without it. Call it between "
+                "generations: it takes effect from the next one")
         pipe.__dict__[attribute] = original
         try:
-            return save(pipe, *args, **kwargs)
+            return method(pipe, *args, **kwargs)
         finally:
             pipe.__dict__[attribute] = wrapper
 
-    return save_pretrained
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def _example_inputs(denoiser):
