@@ -79,13 +79,16 @@ class AsyncDenoiser(torch.nn.Module):
                 raise
             return getattr(inner, name)
 
+    # torch.compile of the wrapper (torch.compile(pipe.transformer) after parallelize) must
+    # not trace the executor's program: it runs as it would uncompiled.
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         if self.removed:  # held by a pipeline made from the parallelized one: plain denoiser
             return self.denoiser(*args, **kwargs)
-        if torch.compiler.is_compiling():
-            raise RuntimeError("a parallelized denoiser cannot be compiled (torch.compile or .compile() after "
-                               "parallelize): it runs the executor's program, not one forward. Parallelize the "
-                               "uncompiled pipeline")
+        if self.__dict__.get("_compiled_call_impl") is not None:
+            raise RuntimeError("a parallelized denoiser cannot be compiled in place (.compile() after parallelize): "
+                               "it runs the executor's program, not one forward. Undo it "
+                               "(handle.denoiser._compiled_call_impl = None) or parallelize the uncompiled pipeline")
         with self._lock:
             self._claim()
             try:

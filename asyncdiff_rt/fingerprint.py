@@ -29,8 +29,9 @@ def fingerprint(denoiser):
     for path, module in denoiser.named_modules(remove_duplicate=False):
         entries.append((path, "module", (type(module).__qualname__, id(module))))
         for key, value in module.__dict__.items():
-            if key == "_diffusers_hook":
-                entries.append((path, key, _hooks(value)))
+            if key == "_diffusers_hook":  # the pipelines' cache_context adds empty ones
+                if value._hook_order:
+                    entries.append((path, key, _hooks(value)))
             elif key not in _SKIP:
                 entries.append((path, key, _describe(value, depth=2)))
         for name, tensor in chain(module._parameters.items(), module._buffers.items()):

@@ -178,11 +178,12 @@ def _with_the_original(pipe, attribute, original, wrapper, name, changes):
                 f"pipe.{name}() was called within a generation (e.g. from a step callback): it would change the "
                 "denoiser under the caches this generation's devices computed without it. Call it between "
                 "generations: it takes effect from the next one")
+        before = pipe.__dict__[attribute]  # the original, when one method calls another (set_adapters)
         pipe.__dict__[attribute] = original
         try:
             return method(pipe, *args, **kwargs)
         finally:
-            pipe.__dict__[attribute] = wrapper
+            pipe.__dict__[attribute] = before
 
     run.__name__ = run.__qualname__ = name
     return run
