@@ -21,7 +21,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
-import torch._dynamo
 
 
 @dataclass(frozen=True)
@@ -77,10 +76,12 @@ def check_stack(denoiser, executor):
     """Refuse, before any trace or device work, what the executor cannot run as the plain
     pipeline would: a compiled denoiser, step caches off the reference executor, weights
     that are tensor subclasses (torchao's quantized tensors) on executors that copy them."""
+    from torch._dynamo.eval_frame import OptimizedModule  # imported when used: dynamo is slow to import
+
     at = where(denoiser)
     compiled = [path or "the denoiser" for path, module in denoiser.named_modules()
                 if module.__dict__.get("_compiled_call_impl") is not None]
-    if isinstance(denoiser, torch._dynamo.eval_frame.OptimizedModule) or compiled:
+    if isinstance(denoiser, OptimizedModule) or compiled:
         what = f"{at} = torch.compile(...)" if not compiled else f"{at}.compile() (on {compiled[0]})"
         raise ValueError(
             f"the denoiser is compiled ({what}): the runtime replaces its units' outputs per device and step and "
@@ -94,18 +95,20 @@ def check_stack(denoiser, executor):
                 raise ValueError(
                     f"{at}.{name} is a {type(p).__name__} (quantized weights, a tensor subclass): the {executor!r} "
                     "executor copies each device's weights into buffers of its own, which it does not support. "
-                    "Parallelize with executor='reference', or quantize after handle.remove()")
+                    "Parallelize with executor='reference', or run the quantized pipeline plainly")
 
 
 def stack_signature(denoiser):
     """What a step cache or a LoRA adapter added within a generation changes at the
-    denoiser's root: cheap enough to compare at every step."""
-    return (id(getattr(denoiser, "_cache_config", None)), tuple(getattr(denoiser, "peft_config", None) or ()))
+    denoiser's root: cheap enough to compare at every step. The config is held, so its id
+    is not reused by another while the signature lives."""
+    config = getattr(denoiser, "_cache_config", None)
+    return id(config), config, tuple(getattr(denoiser, "peft_config", None) or ())
 
 
 def cache_hooks(denoiser):
     """The step caches installed on `denoiser`, in table order; a config diffusers added
-    later (not in the table) is named by its class with what=None."""
+    later (not in the table) is named by its class, with keeps=None."""
     found = {_BY_HOOK[name] for _, registry in _registries(denoiser) for name in registry._hook_order
              if name in _BY_HOOK}
     out = [entry for entry in CACHE_HOOKS if entry in found]
