@@ -40,6 +40,7 @@ import torch
 from .engine.call import DenoiserCall, as_model_timestep
 from .fingerprint import fingerprint, first_change
 from .profiling.nvtx import RANGES
+from .stacking import check_steps, stack_signature
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +105,16 @@ class AsyncDenoiser(torch.nn.Module):
     def named_modules(self, *args, **kwargs):  # modules() too; children() stay the wrapper's: the denoiser
         return self.denoiser.named_modules(*args, **kwargs)
 
+    # torch.compile of the wrapper (torch.compile(pipe.transformer) after parallelize) must
+    # not trace the executor's program: it runs as it would uncompiled.
+    @torch.compiler.disable
     def forward(self, *args, **kwargs):
         if self.removed:  # held by a pipeline made from the parallelized one: plain denoiser
             return self.denoiser(*args, **kwargs)
+        if self.__dict__.get("_compiled_call_impl") is not None:
+            raise RuntimeError("a parallelized denoiser cannot be compiled in place (.compile() after parallelize): "
+                               "it runs the executor's program, not one forward. Undo it "
+                               "(handle.denoiser._compiled_call_impl = None) or parallelize the uncompiled pipeline")
         with self._lock:
             self._claim()
             try:
@@ -114,6 +122,10 @@ class AsyncDenoiser(torch.nn.Module):
             except BaseException:
                 self._owner = None  # the generation ended with the error
                 raise
+
+    def running(self):
+        """Whether a generation has started and not ended."""
+        return self._owner is not None
 
     def reset(self):
         """Abandon the running generation (e.g. one a caller interrupted), whichever
@@ -151,6 +163,12 @@ class AsyncDenoiser(torch.nn.Module):
         if k is None:  # a step before the current one, or past the end: a new generation on the same list
             self._begin(scheduler, call)
             k = self._locate(scheduler, call)
+        if stack_signature(self.denoiser) != self._stack:
+            self.reset()  # the next call starts a generation, planned again with the change
+            raise RuntimeError(
+                f"a step cache or LoRA adapter of the denoiser was enabled, loaded or removed within this generation "
+                f"(before step {k}): diffusers applies it at once, under caches computed without it. Make the "
+                "change between generations: the next one plans again with it")
         index = self._role + 1 if k == self._k else 0
         role = self._role_at(index, k, call)
         out = role.executor.step(k - role.offset, call)
@@ -286,9 +304,15 @@ class AsyncDenoiser(torch.nn.Module):
                     "was parallelized on; call it with that scheduler's own timesteps (a pipeline made from it "
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
+        try:
+            check_steps(self.denoiser, self.plan.warmup, len(values) - start)
+        except ValueError:
+            self.reset()
+            raise
         self._timesteps_seen, self._all_values, self._begin_at = timesteps, values, start
         self._checked_list = None  # a list another caller set, found harmless (_check_scheduler_kept)
         self._steps, self._values, self._num_steps = timesteps[start:], values[start:], len(values) - start
+        self._stack = stack_signature(self.denoiser)
         self._k, self._role = -1, -1
         for role in self._roles:
             role.last = None

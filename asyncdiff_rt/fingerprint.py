@@ -6,7 +6,8 @@ fused projections, `load_state_dict`, a dtype or device move, `train()`) would n
 reach them. Comparing fingerprints at the start of every generation finds such a change
 in a few milliseconds: module identities and types, plain attributes (values, or the
 identity and attributes of objects such as attention processors), and every parameter
-and buffer's identity, address, version counter, dtype, shape and device.
+and buffer's identity, address, version counter, dtype, shape and device. Diffusers'
+hooks (step caches) count by which hooks are installed, not by their state.
 """
 from collections import OrderedDict
 from itertools import chain
@@ -28,7 +29,10 @@ def fingerprint(denoiser):
     for path, module in denoiser.named_modules(remove_duplicate=False):
         entries.append((path, "module", (type(module).__qualname__, id(module))))
         for key, value in module.__dict__.items():
-            if key not in _SKIP:
+            if key == "_diffusers_hook":  # the pipelines' cache_context adds empty ones
+                if value._hook_order:
+                    entries.append((path, key, _hooks(value)))
+            elif key not in _SKIP:
                 entries.append((path, key, _describe(value, depth=2)))
         for name, tensor in chain(module._parameters.items(), module._buffers.items()):
             entries.append((path, name, _tensor(tensor)))
@@ -45,6 +49,12 @@ def first_change(before, after):
             how = "was added" if key not in old else "was removed" if key not in new else "changed"
             return f"{path or 'the denoiser'}: {what!r} {how}"
     return "nothing"
+
+
+def _hooks(registry):
+    """A diffusers HookRegistry by the hooks it holds, in order: their state (step caches'
+    residuals, lazily built lists) changes at every call and is no change of the model."""
+    return tuple((name, id(registry.hooks[name])) for name in registry._hook_order)
 
 
 def _tensor(t):

@@ -17,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import adapter_for
 from .arguments import labelled_leaves, other_arguments
+from .stacking import hooks_bypassed
 
 LATENT, TIMESTEP, COND = "<latent>", "<timestep>", "<cond>"
 
@@ -181,7 +182,9 @@ def trace_denoiser(denoiser, make_inputs):
             if part is not module:
                 handles.append(part.register_forward_pre_hook(part_hook(path, name)))
     try:
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True), _quiet_fake_tensors():
+        # The user's step-cache hooks are bypassed: fake tensors must never reach their state.
+        with torch.no_grad(), hooks_bypassed(denoiser), FakeTensorMode(allow_non_fake_inputs=True), \
+                _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = make_inputs()
             with FlopCounterMode(display=False) as counter, prov:
                 prov.mark(latent, frozenset([LATENT]))

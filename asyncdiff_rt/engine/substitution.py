@@ -20,11 +20,11 @@ class UnitSwitch:
         denoiser._asyncdiff_switch = self
         self._denoiser = denoiser
         self._modules = {p: denoiser.get_submodule(p) for p in unit_paths}
-        self._saved = {}
+        self._saved, self._wrappers = {}, {}
         self._active = None  # (compute set, cache mapping, record dict) during a forward
         for path, module in self._modules.items():
             self._saved[path] = module.__dict__.get("forward", _MISSING)
-            module.forward = self._wrap(path, module.forward)
+            module.forward = self._wrappers[path] = self._wrap(path, module.forward)
 
     def _wrap(self, path, original):
         def forward(*args, **kwargs):
@@ -60,9 +60,11 @@ class UnitSwitch:
     def remove(self):
         for path, module in self._modules.items():
             saved = self._saved[path]
+            if module.__dict__.get("forward") is not self._wrappers[path]:
+                continue  # wrapped since (a diffusers hook enabled after): ours stays in its chain, passing through
             if saved is _MISSING:
                 del module.forward
             else:
                 module.forward = saved
-        self._modules, self._saved = {}, {}
+        self._modules, self._saved, self._wrappers = {}, {}, {}
         self._denoiser._asyncdiff_switch = None

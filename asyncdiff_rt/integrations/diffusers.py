@@ -13,6 +13,7 @@ from ..plan import make_plan
 from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
 from ..engine.transports import check_transport
 from ..settings import check_distributed, check_settings, check_stages
+from ..stacking import PIPELINE_METHODS, check_stack
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -82,6 +83,8 @@ class AsyncDiffHandle:
             return
         wrapper.removed = True
         wrapper.close()
+        for name in PIPELINE_METHODS:
+            self._pipe.__dict__.pop(name, None)
         now = self._pipe.__dict__.get(self._attribute)
         if now is not wrapper:
             raise RuntimeError(
@@ -126,6 +129,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
     check_distributed(executor, process_group, timeout, transport)
     check_stages(unet, kernels, compile)
+    check_stack(unet, executor)
     runs_on = rank_device(devices if executor != "reference" else None, unet, 0).type
     stages = resolve_stages(kernels, compile, executor, runs_on, graphs)
     options, agree = ({"graphs": graphs, "stages": stages} if executor == "local" else {"stages": stages}), None
@@ -138,6 +142,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         agree = averaged_over(group, rank_device(devices, unet, group_rank(group)))
 
     def build(call=None):  # from example inputs, or from a real call (see AsyncDenoiser)
+        check_stack(unet, executor)  # again: the denoiser may have changed since
         inputs = call.example() if call is not None else _example_inputs(unet)
         plan = make_plan(unet, inputs, n_components, stride, warmup, time_shift, partition, stride_reuse,
                          agree=agree)
@@ -153,6 +158,9 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
     _save_the_originals()
+    for name, changes in PIPELINE_METHODS.items():
+        if hasattr(type(pipe), name):
+            pipe.__dict__[name] = _with_the_original(pipe, attribute, unet, wrapper, name, changes)
     return AsyncDiffHandle(pipe, attribute, unet, wrapper)
 
 
@@ -214,6 +222,30 @@ def _originals_in_place(pipe):
     finally:
         pipe.__dict__.update(wrappers)
         pipe.register_to_config(**entries)
+
+
+def _with_the_original(pipe, attribute, original, wrapper, name, changes):
+    """`pipe.<name>` run with the original denoiser in place, as if the pipeline were not
+    parallelized (diffusers cannot save the wrapper, and its LoRA methods skip it: its class
+    is no diffusers model). One that `changes` the denoiser is refused within a generation."""
+    method = getattr(type(pipe), name)
+
+    def run(*args, **kwargs):
+        if changes and wrapper.running():
+            wrapper.reset()  # the generation ends with this error; the pipeline stays usable
+            raise RuntimeError(
+                f"pipe.{name}() was called within a generation (e.g. from a step callback): it would change the "
+                "denoiser under the caches this generation's devices computed without it. Call it between "
+                "generations: it takes effect from the next one")
+        before = pipe.__dict__[attribute]  # the original, when one method calls another (set_adapters)
+        pipe.__dict__[attribute] = original
+        try:
+            return method(pipe, *args, **kwargs)
+        finally:
+            pipe.__dict__[attribute] = before
+
+    run.__name__ = run.__qualname__ = name
+    return run
 
 
 def _example_inputs(denoiser):
