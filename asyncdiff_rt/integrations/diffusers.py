@@ -91,7 +91,7 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0, transport=None):
+                timeout=30.0, transport=None, config=None):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -110,13 +110,25 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     seconds a rank waits for another before raising a message that names it. `transport`
     carries the per-step messages: "nccl" or "ipc" (GPUs on one node) for GPUs, "gloo" or
     "shm" (shared memory on one node) for the CPU; None takes nccl or gloo.
+
+    `config`: a `tune` result (or "auto": tune now, on `devices` or every visible GPU)
+    whose N, S, W, split, devices, executor and transport replace those arguments.
+    `partition="quality"` runs calibration generations first (sensitivity.py).
     """
+    if config is not None:
+        from ..tune import config_settings
+
+        n_components, stride, warmup, partition, devices, executor, transport = config_settings(pipe, config, devices)
     attribute = _denoiser_attribute(pipe)
     unet = getattr(pipe, attribute)
     # Every setting is checked (and counts made Python ints) before the trace and any device work.
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
     check_distributed(executor, process_group, timeout, transport)
+    if partition == "quality":  # calibration generations with the pipeline as it is, before it is wrapped
+        from ..sensitivity import quality_partition
+
+        partition = quality_partition(pipe, n_components)
     options, agree = ({"graphs": graphs} if executor == "local" else {}), None
     if executor == "distributed":
         kind = device_type(devices, unet)

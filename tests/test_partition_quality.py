@@ -1,0 +1,49 @@
+"""partition="quality": balanced contiguous splits, chosen by measured staleness error."""
+import itertools
+
+import pytest
+
+from asyncdiff_rt.partition import MAX_IMBALANCE, contiguous_splits, quality_split, resolve_partition
+from asyncdiff_rt.settings import check_settings
+
+
+def _loads(costs, cuts):
+    bounds = (0, *cuts, len(costs))
+    return [sum(costs[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def test_contiguous_splits_are_every_split_within_the_bound():
+    costs = [1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1, 1, 2, 1, 1, 1, 2, 1]
+    for n in (2, 3, 4):
+        brute = [c for c in itertools.combinations(range(1, len(costs)), n - 1)
+                 if max(_loads(costs, c)) <= MAX_IMBALANCE * sum(costs) / n]
+        assert brute and sorted(contiguous_splits(costs, n)) == brute
+
+
+def test_without_a_split_within_the_bound_the_most_balanced_ones_are_taken():
+    # six equal transformer blocks in four components: 2 blocks is 1.33 x the mean at best
+    splits = contiguous_splits([1.0] * 6, 4)
+    assert splits and all(max(_loads([1.0] * 6, c)) == 2 for c in splits)
+    assert len(splits) == 6  # the two-block component in any order: C(4, 2)
+
+
+def test_quality_split_takes_the_cheapest_cuts_within_the_bound(tiny_graphs):
+    unet, graph = tiny_graphs["sd15"]
+    flops = [u.flops for u in graph.units]
+    splits = contiguous_splits(flops, 3)
+    expensive = {i: 1.0 for i in range(len(flops))}
+    cheap = splits[len(splits) // 2]
+    for i in cheap:
+        expensive[i] = 0.0
+    part = quality_split(graph, 3, expensive)
+    assert [len(c) for c in part.components] == [b - a for a, b in zip((0, *cheap), (*cheap, len(flops)))]
+    assert part.components[-1][-1] == graph.output_unit
+    loads = part.loads(graph)
+    assert max(loads) * 3 / sum(loads) <= MAX_IMBALANCE
+
+
+def test_quality_is_a_strategy_that_needs_the_pipeline(tiny_graphs):
+    unet, graph = tiny_graphs["sd15"]
+    check_settings(unet, 2, 1, 1, False, "quality", "component", None, "auto", True)  # accepted
+    with pytest.raises(ValueError, match="needs the pipeline"):
+        resolve_partition(graph, 2, "quality", unet)
