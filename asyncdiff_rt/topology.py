@@ -97,7 +97,7 @@ def measure(devices):
     hop = _time_link(gpus[0], gpus[1]) if len(gpus) > 1 else LINKS["pcie4-x16"]
     if len(gpus) > 1 and not p2p[0][1]:  # that copy bounced through the host: two hops
         hop = Link(hop.gbytes_per_s * 2, hop.latency_us / 2)
-    return Topology(tuple(str(g) for g in gpus), free, p2p, hop, spec=devices)
+    return Topology(tuple(str(g) for g in gpus), free, p2p, hop, spec=[str(g) for g in gpus])
 
 
 def _time_link(a, b, nbytes=64 << 20):

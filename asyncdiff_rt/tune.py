@@ -76,6 +76,7 @@ class TuneResult:
     candidates: list = field(default_factory=list)  # every projected Config, fastest first
     reason: str = ""
     measured: list = field(default_factory=list)  # the Configs whose quality was measured, with it
+    times: object = None  # the Times measured (pass to tune(times=) to plan another rig on the same figures)
 
     @property
     def one_device(self):
@@ -100,11 +101,13 @@ def check_bound(min_psnr_db):
 
 
 def tune(pipe, devices=None, min_psnr_db=MIN_PSNR_DB, memory_budget=None, steps=50, warmups=WARMUPS,
-         partitions=PARTITIONS, calibration_prompts=None, calibration_steps=None, topology=None, log=print):
+         partitions=PARTITIONS, calibration_prompts=None, calibration_steps=None, topology=None, times=None,
+         log=print):
     """The fastest configuration of `pipe` on `devices` whose calibration PSNR against
     sequential is at least `min_psnr_db` (module docstring). `memory_budget`: bytes per
     device (default: what each has free); `topology`: a Topology to plan for instead of
-    measuring `devices` (topology.pcie, nvlink_pairs, single)."""
+    measuring `devices` (topology.pcie, nvlink_pairs, single); `times`: a previous
+    result's `times` instead of measuring them again."""
     check_bound(min_psnr_db)
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 2:
         raise ValueError(f"steps={steps!r}: the generation's denoising steps, an integer >= 2")
@@ -130,7 +133,7 @@ def tune(pipe, devices=None, min_psnr_db=MIN_PSNR_DB, memory_budget=None, steps=
 
     calibration.sequential()
     graph = calibration.graph
-    times = measure_times(calibration, graph)
+    times = times or measure_times(calibration, graph)
     log(f"tune: unit times measured: forward {times.forward_s * 1e3:.1f} ms, step {times.step_s * 1e3:.1f} ms")
     sequential_s = steps * times.step_s
     denoiser = _denoiser(pipe)
@@ -142,17 +145,14 @@ def tune(pipe, devices=None, min_psnr_db=MIN_PSNR_DB, memory_budget=None, steps=
         summary = plan.summary(steps)
         weights = summary["weight_bytes_per_device"]
         held = [w + 2 * r for w, r in zip(weights, summary["bytes_per_step"])]  # caches: two slots each
-        if any(h > b for h, b in zip(held, budget)):
-            continue
+        if any(h > b for h, b in zip(held, budget)) or (topology.serial and sum(held) > budget[0]):
+            continue  # (cpu*N: every device holds its part in the one host memory)
         for executor, transport, link, extra in _executors(topology, plan.n_devices):
             forward = [times.overhead_s + sum(times.unit_s[u] for u in plan.partition.components[min(d, n - 1)])
                        for d in range(plan.n_devices)]
             p = project(plan, plan.program(steps), forward, times.forward_s, times.host_s + extra, link,
                         serial=topology.serial)
-            spec = topology.spec if topology.count == plan.n_devices or topology.serial else \
-                list(topology.spec)[:plan.n_devices]
-            if topology.serial:
-                spec = f"cpu*{plan.n_devices}"
+            spec = f"cpu*{plan.n_devices}" if topology.serial else list(topology.spec)[:plan.n_devices]
             explicit = [list(c) for c in plan.partition.components]
             candidates.append(Config(n, stride, warmup, explicit, split, executor, transport, spec, p.latency_s,
                                      sequential_s / p.latency_s, weight_bytes_per_device=tuple(weights)))
@@ -173,9 +173,9 @@ def tune(pipe, devices=None, min_psnr_db=MIN_PSNR_DB, memory_budget=None, steps=
         fits = graph.weight_bytes <= budget[0]
         reason = ("no configuration is projected faster than one device within the quality bound; run on one "
                   "device" if fits else "nothing fits: the whole denoiser does not fit one device's budget either")
-        return TuneResult(single, None, sequential_s, topology, min_psnr_db, candidates, reason, measured)
+        return TuneResult(single, None, sequential_s, topology, min_psnr_db, candidates, reason, measured, times)
     return TuneResult(chosen[0], chosen[1] if len(chosen) > 1 else single, sequential_s, topology, min_psnr_db,
-                      candidates, "", measured)
+                      candidates, "", measured, times)
 
 
 @dataclass(frozen=True)

@@ -68,7 +68,7 @@ def test_pcie_without_p2p_bounces_and_the_pick_is_the_fastest_within_the_bound(p
 
 def test_nvlink_pairs_are_faster_than_bounces_for_the_same_configuration(pipe):
     bounce = tune(pipe, topology=topology.pcie(4, p2p=False), min_psnr_db=10, **FAST)
-    bridged = tune(pipe, topology=topology.nvlink_pairs(4), min_psnr_db=10, **FAST)
+    bridged = tune(pipe, topology=topology.nvlink_pairs(4), min_psnr_db=10, times=bounce.times, **FAST)
     key = lambda c: (c.n_components, c.stride, c.warmup, c.split, c.executor, c.transport)  # noqa: E731
     slow = {key(c): c.latency_s for c in bounce.candidates}
     same = [(c.latency_s, slow[key(c)]) for c in bridged.candidates if key(c) in slow]
@@ -101,3 +101,18 @@ def test_cpu_result_applies_through_parallelize_config(pipe):
         assert handle.stats()["executor"] == "local"
     finally:
         handle.remove()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--min-psnr", "0", "--devices", "cpu*2"], "between 0 and 100"),
+    (["--devices", "cuda:99"], "sees"),
+    (["--rig", "infiniband:4"], "pcie:N"),
+])
+def test_the_command_refuses_bad_input_before_loading_a_model(argv, message, capsys, monkeypatch):
+    from asyncdiff_rt import cli
+    from asyncdiff_rt.models import tiny_t2i
+
+    monkeypatch.setattr(tiny_t2i, "load_tiny", lambda *a, **k: pytest.fail("loaded the model before refusing"))
+    with pytest.raises(SystemExit) as refused:
+        cli.main(["tune", *argv])
+    assert refused.value.code == 2 and message in capsys.readouterr().err
