@@ -61,7 +61,7 @@ def test_quality_is_a_strategy_that_needs_the_pipeline(sd15):
 
 
 def test_the_quality_split_is_closer_to_sequential_than_auto_on_the_shipped_unet():
-    # auto's split at N = 2 is 4.7 dB further from sequential than quality's (eval_quality_unet_cpu, 2x1 W=1)
+    # auto's split at N = 2 is 4.7 dB further from sequential than quality's (profiling/results/eval_quality_cpu, 2x1 W=1)
     import asyncdiff_rt
     from asyncdiff_rt.models.tiny_t2i import load_tiny
     from asyncdiff_rt.sensitivity import Calibration, quality_partition
