@@ -14,6 +14,7 @@ COMMANDS = {
     "bench": "measure the local executor against sequential diffusers",
     "profile": "record a timeline of the local executor: Chrome trace, Gantt PNG, summary",
     "project": "project latency on D GPUs from measured forward times and a link model",
+    "tune": "pick the fastest N, S, W, split, executor and transport within a quality bound",
 }
 
 

@@ -258,6 +258,7 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
             t0 = time.perf_counter()
             imgs = generate(pipe, specs, seed, steps, guidance, batch, progress=bar, model=model)
             seconds = time.perf_counter() - t0
+            imbalance = handle.plan.summary()["imbalance"] if handle is not None else 1.0
         finally:
             if handle is not None:
                 handle.remove()
@@ -272,7 +273,7 @@ def run_eval(configs: str = "1,2x1,3x1,4x1,2x2,3x2", warmups: Sequence[int] = (1
             adherence=adherence(pred, labels), frechet=frechet_distance(feat, real_feat),
             psnr_db=psnr(imgs.flatten()[None], seq[0].flatten()[None]).item(),  # of the pooled MSE
             max_abs_diff=max_abs_diff(imgs, seq[0]), feature_distance=feature_distance(feat, seq[1]).mean().item(),
-            extra={"attribute_accuracy": attribute_accuracy(pred, labels)}))
+            extra={"attribute_accuracy": attribute_accuracy(pred, labels), "imbalance": imbalance}))
         images[run.name] = imgs[:grid_cols]
         result["rows"] = [asdict(r) for r in rows]
         if out_dir:  # after every row, so that a run cut short still leaves its table

@@ -2,7 +2,9 @@
 
 Strategies: "auto" (minimise the largest component's FLOPs), "measured" (the same with
 measured unit times: unit_times.py), "upstream" (the reference code's table for a
-recognised family) or an explicit list of N lists of module paths.
+recognised family), "quality" (a balanced contiguous split with the least measured
+staleness error: `quality_split` here, its measurements in sensitivity.py) or an explicit
+list of N lists of module paths.
 Component N-1 always owns the unit that produces the denoiser's output.
 """
 import re
@@ -10,8 +12,8 @@ from dataclasses import dataclass
 
 from .upstream_splits import SPLITS, recognise_family
 
-STRATEGIES = ("auto", "measured", "upstream")
-CHOICES = '"auto", "measured", "upstream" or a list of N lists of module paths'
+STRATEGIES = ("auto", "measured", "upstream", "quality")
+CHOICES = '"auto", "measured", "upstream", "quality" or a list of N lists of module paths'
 
 TIE = 0.005  # largest loads within 0.5% of each other are a tie (FLOP counts are estimates anyway)
 
@@ -67,6 +69,9 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
     if spec == "upstream":
         family, table = upstream_table(denoiser, n_components)
         return _explicit(graph, table, f"upstream:{family}")
+    if spec == "quality":
+        raise ValueError('partition="quality" measures calibration generations, so it needs the pipeline: use '
+                         'parallelize(pipe, partition="quality") or sensitivity.quality_partition(pipe, n)')
     if isinstance(spec, (list, tuple)):
         if len(spec) != n_components:
             raise ValueError(
@@ -212,3 +217,62 @@ def _improve(costs, assign, n, pinned):
         assign[u] = target
         if v is not None:
             assign[v] = heavy
+
+
+MAX_IMBALANCE = 1.10  # "quality" keeps the largest component within 10% of the mean (FLOPs)
+
+
+def contiguous_splits(costs, n, max_imbalance=MAX_IMBALANCE):
+    """Every split of units in execution order into n contiguous non-empty runs whose
+    largest cost is at most max_imbalance times the mean, as tuples of n-1 cut positions
+    (a cut at i starts a component at unit i). Where none is that balanced, those within
+    TIE of the most balanced contiguous split (a model of few equal blocks, e.g. six
+    transformer blocks in four components, cannot do better)."""
+    limit = max(max_imbalance, _largest_contiguous(costs, n) * n / sum(costs) * (1 + TIE)) * sum(costs) / n
+    m, found = len(costs), []
+
+    def extend(start, cuts):
+        if len(cuts) == n - 1:
+            if sum(costs[start:]) <= limit:
+                found.append(tuple(cuts))
+            return
+        load = 0.0
+        for end in range(start + 1, m - (n - 1 - len(cuts)) + 1):
+            load += costs[end - 1]
+            if load > limit:
+                return
+            extend(end, cuts + [end])
+
+    extend(0, [])
+    return found
+
+
+def _largest_contiguous(costs, n):
+    cuts = _contiguous_cuts(costs, n)
+    return max(sum(costs[a:b]) for a, b in zip(cuts, cuts[1:]))
+
+
+def quality_split(graph, n, cut_cost, max_imbalance=MAX_IMBALANCE, costs=None):
+    """The contiguous split, balanced within max_imbalance (FLOPs, or `costs`), whose cuts
+    cost the least in sum: `cut_cost[i]` is what a cut before unit i costs in quality (the
+    error measured with that one cut, sensitivity.py). Ties go to the better balance."""
+    splits = ranked_splits(graph, n, cut_cost, max_imbalance, costs)
+    return splits[0]
+
+
+def ranked_splits(graph, n, cut_cost, max_imbalance=MAX_IMBALANCE, costs=None):
+    """Partitions of `contiguous_splits`, cheapest summed cut cost first."""
+    costs = [u.flops for u in graph.units] if costs is None else list(costs)
+    total = sum(costs)
+
+    def key(cuts):
+        bounds = (0, *cuts, len(costs))
+        largest = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        return (sum(cut_cost[i] for i in cuts), largest / total)
+
+    return [_from_cuts(graph, cuts, "quality") for cuts in sorted(contiguous_splits(costs, n, max_imbalance), key=key)]
+
+
+def _from_cuts(graph, cuts, strategy):
+    bounds = (0, *cuts, len(graph.paths))
+    return Partition(tuple(tuple(graph.paths[a:b]) for a, b in zip(bounds, bounds[1:])), strategy)

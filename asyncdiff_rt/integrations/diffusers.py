@@ -95,7 +95,7 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0, transport=None, kernels="auto", compile=False):
+                timeout=30.0, transport=None, kernels="auto", compile=False, config=None):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -121,7 +121,15 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     seconds a rank waits for another before raising a message that names it. `transport`
     carries the per-step messages: "nccl" or "ipc" (GPUs on one node) for GPUs, "gloo" or
     "shm" (shared memory on one node) for the CPU; None takes nccl or gloo.
+
+    `config`: a `tune` result (or "auto": tune now, on `devices` or every visible GPU)
+    whose N, S, W, split, devices, executor and transport replace those arguments.
+    `partition="quality"` runs calibration generations first (sensitivity.py).
     """
+    if config is not None:
+        from ..tune import config_settings
+
+        n_components, stride, warmup, partition, devices, executor, transport = config_settings(pipe, config, devices)
     attribute = _denoiser_attribute(pipe)
     unet = getattr(pipe, attribute)
     # Every setting is checked (and counts made Python ints) before the trace and any device work.
@@ -130,6 +138,10 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     check_distributed(executor, process_group, timeout, transport)
     check_stages(unet, kernels, compile)
     check_stack(unet, executor)
+    if partition == "quality":  # calibration generations with the pipeline as it is, before it is wrapped
+        from ..sensitivity import quality_partition
+
+        partition = quality_partition(pipe, n_components)
     runs_on = rank_device(devices if executor != "reference" else None, unet, 0).type
     stages = resolve_stages(kernels, compile, executor, runs_on, graphs)
     options, agree = ({"graphs": graphs, "stages": stages} if executor == "local" else {"stages": stages}), None
