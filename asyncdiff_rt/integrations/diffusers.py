@@ -11,6 +11,7 @@ from ..plan import make_plan
 from ..engine.process_group import averaged_over, device_type, group_rank, join_group, rank_device
 from ..engine.transports import check_transport
 from ..settings import check_distributed, check_settings
+from ..step_cache import check_step_cache
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -48,6 +49,12 @@ class AsyncDiffHandle:
         if hasattr(executor, "describe"):
             out.update(executor.describe())
         return out
+
+    def set_step_cache(self, step_cache):
+        """The runtime's step cache (a StepCache, a list of steps, or None) from the next
+        generation on; refused while a generation runs."""
+        plan = self._wrapper.plan
+        self._wrapper.set_step_cache(check_step_cache(step_cache, plan.warmup if plan is not None else 1))
 
     def reset(self):
         """Abandon a generation that was interrupted (the next call starts a new one)."""
@@ -91,7 +98,7 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0, transport=None):
+                timeout=30.0, transport=None, step_cache=None):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -110,6 +117,8 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     seconds a rank waits for another before raising a message that names it. `transport`
     carries the per-step messages: "nccl" or "ipc" (GPUs on one node) for GPUs, "gloo" or
     "shm" (shared memory on one node) for the CPU; None takes nccl or gloo.
+    `step_cache`: the runtime's step cache, a StepCache (or a list of steps to skip; see
+    asyncdiff_rt.step_cache.calibrate), part of every generation's program.
     """
     attribute = _denoiser_attribute(pipe)
     unet = getattr(pipe, attribute)
@@ -117,6 +126,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     (n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs) = check_settings(
         unet, n_components, stride, warmup, time_shift, partition, stride_reuse, devices, executor, graphs)
     check_distributed(executor, process_group, timeout, transport)
+    step_cache = check_step_cache(step_cache, warmup)
     options, agree = ({"graphs": graphs} if executor == "local" else {}), None
     if executor == "distributed":
         kind = device_type(devices, unet)
@@ -138,6 +148,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         except TraceError as e:  # the real call will have what the example lacked
             log.info("the plan waits for the pipeline's first call: %s", e)
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
+    wrapper.step_cache = step_cache
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
     if hasattr(type(pipe), "save_pretrained"):
