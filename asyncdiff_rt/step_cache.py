@@ -75,9 +75,8 @@ def choose_skips(predictions, threshold, warmup=1, stride=1):
     return skip
 
 
-def record_predictions(pipe, *args, **kwargs):
-    """Run `pipe(*args, **kwargs)` once and return its denoiser's outputs, one per call."""
-    denoiser = pipe.transformer if hasattr(pipe, "transformer") and pipe.transformer is not None else pipe.unet
+def record_predictions(denoiser, generate):
+    """Call `generate()` (one sequential generation) and return `denoiser`'s outputs, one per call."""
     seen = []
 
     def keep(module, inputs, output):
@@ -87,13 +86,15 @@ def record_predictions(pipe, *args, **kwargs):
     handle = denoiser.register_forward_hook(keep)
     try:
         with torch.no_grad():
-            pipe(*args, **kwargs)
+            generate()
     finally:
         handle.remove()
     return seen
 
 
-def calibrate(pipe, threshold, warmup=1, stride=1, *args, **kwargs):
-    """A StepCache chosen from one sequential generation of `pipe` (call it before
-    `parallelize`, with the step count and guidance the generations will use)."""
-    return StepCache(choose_skips(record_predictions(pipe, *args, **kwargs), threshold, warmup, stride))
+def calibrate(pipe, threshold, *args, warmup=1, stride=1, **kwargs):
+    """A StepCache chosen from one sequential generation `pipe(*args, **kwargs)` (call it
+    before `parallelize`, with the step count and guidance the generations will use)."""
+    denoiser = getattr(pipe, "transformer", None) or pipe.unet
+    predictions = record_predictions(denoiser, lambda: pipe(*args, **kwargs))
+    return StepCache(choose_skips(predictions, threshold, warmup, stride))

@@ -5,6 +5,7 @@ torchrun's environment variables, or by torchrun itself).
                                        [--steps-at-rank STEPS --at-rank R]
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
                                        [--transport NAME] [--same-gpu] [--interrupt-after K]
+                                       [--step-cache K1,K2,...]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
 OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised).
@@ -45,6 +46,8 @@ def main():
     p.add_argument("--interrupt-after", type=int, default=None,
                    help="first a generation that stops calling the denoiser after this step")
     p.add_argument("--steps-at-rank", type=int, default=None, help="rank --at-rank runs this many steps instead")
+    p.add_argument("--step-cache", type=lambda s: [int(k) for k in s.split(",")], default=None,
+                   help="steps the runtime's step cache skips, e.g. 3,4")
     args = p.parse_args()
     try:
         run(args)
@@ -79,7 +82,7 @@ def run(args):
     try:
         handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=1,
                              executor="distributed", process_group=group, timeout=args.timeout,
-                             transport=args.transport)
+                             transport=args.transport, step_cache=args.step_cache)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
         if args.interrupt_after is not None:
             _interrupted_generation(pipe, steps, args.interrupt_after)

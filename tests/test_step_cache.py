@@ -146,6 +146,17 @@ def generate(pipe, steps=4, **kwargs):
                 output_type="pt", **kwargs).images
 
 
+def test_calibrate_chooses_from_one_sequential_generation(pipe):
+    from asyncdiff_rt.step_cache import calibrate, record_predictions
+
+    predictions = record_predictions(pipe.unet, lambda: generate(pipe, 4))
+    assert len(predictions) == 4
+    cache = calibrate(pipe, 1.0, "a cube", num_inference_steps=4, generator=torch.Generator().manual_seed(0),
+                      output_type="pt")
+    assert cache.skip == tuple(choose_skips(predictions, 1.0)) and cache.skip
+    assert calibrate(pipe, 0.0, "a cube", num_inference_steps=4).skip == ()
+
+
 def test_parallelize_refuses_bad_caches_before_any_work(pipe):
     unet = pipe.unet
     with pytest.raises(ValueError, match="inside the warm-up"):
@@ -189,3 +200,24 @@ def test_the_cache_cannot_change_inside_a_generation(pipe):
         assert handle.denoiser.step_cache.skip == (3,)
     finally:
         handle.remove()
+
+
+# ---------------------------------------------------------------- several processes
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("n, s, skip", [(2, 1, [2, 5, 7]), (2, 2, [3, 4, 7])])
+def test_distributed_equals_the_reference_bit_for_bit(tmp_path, n, s, skip):
+    from asyncdiff_rt.models.tiny_t2i import load_tiny
+    from test_executor_distributed import PROMPTS, STEPS as DSTEPS, _ok, launch
+
+    results = launch(tmp_path, n + s - 1, n, s, DSTEPS, "--step-cache", ",".join(map(str, skip)))
+    _ok(results)
+    pipe = load_tiny()
+    handle = asyncdiff_rt.parallelize(pipe, n_components=n, stride=s, warmup=1, executor="reference",
+                                      step_cache=skip)
+    expected = pipe(PROMPTS, num_inference_steps=DSTEPS, generator=torch.Generator().manual_seed(0),
+                    output_type="pt").images
+    handle.remove()
+    for rank in results:
+        assert torch.equal(torch.load(tmp_path / f"rank{rank}.pt"), expected), f"rank {rank} differs"
+        assert results[rank][1]["stats"]["steps"]["skip"] == len(skip)
