@@ -42,7 +42,10 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--models", default="unet,dit")
     p.add_argument("--cache-dit-threshold", type=float, default=0.08)
+    p.add_argument("--format", action="store_true", help="print the tables of the JSON files in --out and exit")
     args = p.parse_args()
+    if args.format:
+        return print(markdown(Path(args.out)))
     distributed = "RANK" in os.environ
     pinned = pin_to_own_cores(1) if distributed else "one process, not pinned"
     torch.set_num_threads(1)
@@ -62,6 +65,25 @@ def main():
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def markdown(folder):
+    """The rows of both runs' JSON files as Markdown tables, one per model and run."""
+    lines = []
+    for name in ("step_cache_cpu.json", "one_process_cpu.json"):
+        if not (folder / name).exists():
+            continue
+        run = json.loads((folder / name).read_text())
+        lines += [f"`{run['command']}` ({run['pinned']})", ""]
+        for model, t in run["models"].items():
+            lines += [f"**{model}**: skips {t['skips']}", "",
+                      "| row | processes | denoiser forwards per generation | wall s (median) | speedup | "
+                      "adherence | PSNR dB vs sequential |", "|---|---|---|---|---|---|---|"]
+            for r in t["rows"]:
+                lines.append(f"| {r['row']} | {r['ranks']} | {r['forwards']} | {r['seconds']:.2f} | "
+                             f"{r['speedup']:.2f}x | {100 * r['adherence']:.1f}% | {r['psnr_db']:.2f} |")
+            lines.append("")
+    return "\n".join(lines)
 
 
 def load(model):
