@@ -8,7 +8,7 @@ import importlib.util
 
 __version__ = "0.1.0"
 __all__ = ["parallelize", "parallelize_denoiser", "AsyncDiffHandle", "Plan", "make_plan", "backend_info",
-           "__version__"]
+           "StepCache", "__version__"]
 
 _LAZY = {
     "backend_info": ".backend",
@@ -17,6 +17,7 @@ _LAZY = {
     "parallelize_denoiser": ".integrations.steps",
     "Plan": ".plan",
     "make_plan": ".plan",
+    "StepCache": ".step_cache",
 }
 
 

@@ -76,6 +76,7 @@ class AsyncDenoiser(torch.nn.Module):
         self._planned_from_call = False  # else from example inputs built for the model class
         self._generation_range = None  # the NVTX range of the running generation
         self.timeline = None  # profiling: what new executors record into
+        self.step_cache = None  # a StepCache (step_cache.py): its skips are part of each program
 
     def __getattr__(self, name):
         # Pipelines read the denoiser's config, dtype, device, add_embedding, ...
@@ -132,6 +133,15 @@ class AsyncDenoiser(torch.nn.Module):
         thread started it; the next call starts a new one."""
         with self._lock:
             self._owner, self._timesteps_seen, self._steps = None, None, None
+
+    def set_step_cache(self, step_cache):
+        """Use `step_cache` from the next generation on; refused while one runs (its
+        program is fixed when it starts, the same on every device)."""
+        with self._lock:
+            if self._owner is not None and self._owner.is_alive():
+                raise RuntimeError(f"a generation is running (step {self._k} of {self._num_steps}); set the step "
+                                   "cache between generations (or call handle.reset() after an interrupted one)")
+            self.step_cache = step_cache
 
     def record(self, timeline):
         """Every role's executor records into `timeline` (None: stop); later ones too."""
@@ -235,7 +245,9 @@ class AsyncDenoiser(torch.nn.Module):
             if role.last is not None or k > 0:
                 log.info("role %d starts (or restarts its warm-up) at step %d", index, k)
             left = self._num_steps - k
-            program = self.plan.program(left, warmup=min(self.plan.warmup, left) if k else None)
+            # A stream restarted part-way has a new warm-up (and stride pairs): it runs without skips.
+            skip = self.step_cache.skip if self.step_cache is not None and k == 0 else ()
+            program = self.plan.program(left, warmup=min(self.plan.warmup, left) if k else None, skip=skip)
             role.executor.start(program, self._steps[k:])
             role.offset, role.shapes = k, call.shapes()
         return role

@@ -37,16 +37,16 @@ class Plan:
     def n_devices(self):
         return self.n_components + self.stride - 1
 
-    def program(self, num_steps, warmup=None):
-        """The program for `num_steps` steps (warm-up: the plan's unless given); the few
-        most recent are kept."""
-        key = (num_steps, warmup or self.warmup)
+    def program(self, num_steps, warmup=None, skip=()):
+        """The program for `num_steps` steps (warm-up: the plan's unless given; `skip`: the
+        step cache's skipped steps); the few most recent are kept."""
+        key = (num_steps, warmup or self.warmup, tuple(skip))
         if key not in self._programs:
             if len(self._programs) >= _PROGRAMS_KEPT:
                 del self._programs[next(iter(self._programs))]
             self._programs[key] = build_program(
                 num_steps, key[1], self.stride, self.n_components, self.transfers,
-                time_shift=self.time_shift, stride_reuse=self.stride_reuse,
+                time_shift=self.time_shift, stride_reuse=self.stride_reuse, skip=key[2],
             )
         return self._programs[key]
 

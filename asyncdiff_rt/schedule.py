@@ -69,7 +69,7 @@ class Emit:
 @dataclass(frozen=True)
 class Step:
     index: int
-    phase: str  # "warmup" | "async" (stride 1) | "compute" | "reuse" (stride 2)
+    phase: str  # "warmup" | "async" (stride 1) | "compute" | "reuse" (stride 2) | "skip" (step cache)
     instructions: tuple
 
     def forwards(self):
@@ -116,6 +116,7 @@ class Program:
     time_shift: bool
     stride_reuse: str
     steps: tuple
+    skip: tuple = ()  # steps the step cache skips (step_cache.py)
 
     @property
     def n_devices(self):
@@ -132,7 +133,7 @@ class Program:
         head = (
             f"Program: K={self.num_steps} W={self.warmup} N={self.n_components} S={self.stride} "
             f"devices={self.n_devices} host=dev{self.host} time_shift={self.time_shift} "
-            f"stride_reuse={self.stride_reuse}"
+            f"stride_reuse={self.stride_reuse}" + (f" skip={list(self.skip)}" if self.skip else "")
         )
         lines = [head]
         for step in self.steps:
@@ -166,8 +167,34 @@ def validate_settings(num_steps, warmup, stride, n_components, stride_reuse="com
         raise ValueError(f"time_shift={time_shift!r}: use True or False")
 
 
-def build_program(num_steps, warmup, stride, n_components, transfers, time_shift=False, stride_reuse="component"):
+def validate_skip(skip, num_steps, warmup, stride):
+    """Raise ValueError naming the fix for a step-cache skip list no program has: a step
+    out of range, in the warm-up, or (S = 2) a compute step without its reuse step."""
+    for k in skip:
+        if not isinstance(k, numbers.Integral) or isinstance(k, bool):
+            raise ValueError(f"step_cache skips {k!r}: list step indices as integers")
+        if not 0 <= k < num_steps:
+            raise ValueError(f"step_cache skips step {k}, but this call has {num_steps} steps (0..{num_steps - 1}); "
+                             "list steps of the call, or calibrate the cache for this step count")
+        if k < warmup:
+            raise ValueError(f"step_cache skips step {k}, inside the warm-up (steps 0..{warmup - 1}): warm-up steps "
+                             f"fill the caches and are never skipped; skip steps >= {warmup} or lower warmup")
+    if stride == 2:
+        # A skip replaces a whole compute+reuse pair: a reuse step reads what its compute step made.
+        for k in skip:
+            pair = k - (k - warmup) % 2
+            if pair + 1 < num_steps and {pair, pair + 1} - set(skip):
+                raise ValueError(f"step_cache skips step {k} but not both of the stride-2 pair {pair}, {pair + 1} "
+                                 "(compute, reuse): with stride=2 skip whole pairs, or the last step alone")
+
+
+def build_program(num_steps, warmup, stride, n_components, transfers, time_shift=False, stride_reuse="component",
+                  skip=()):
+    """`skip`: steps the step cache skips (SEMANTICS.md, step caches): nothing runs on any
+    device, nothing is committed, and the step emits the prediction of the step before."""
     validate_settings(num_steps, warmup, stride, n_components, stride_reuse, time_shift)
+    skip = tuple(sorted(set(skip)))
+    validate_skip(skip, num_steps, warmup, stride)
     n_devices = n_components + stride - 1
     if len(transfers.receives) != n_devices:
         raise ValueError(f"the transfer plan covers {len(transfers.receives)} devices, the program {n_devices}")
@@ -187,7 +214,9 @@ def build_program(num_steps, warmup, stride, n_components, transfers, time_shift
 
     steps = []
     for k in range(num_steps):
-        if k < warmup:
+        if k in skip:
+            steps.append(Step(k, "skip", (Emit("previous"),)))
+        elif k < warmup:
             steps.append(Step(k, "warmup", (Forward(None, k, commit=k == warmup - 1), Emit("forward", None))))
         elif stride == 1:
             if k == num_steps - 1:
@@ -207,7 +236,7 @@ def build_program(num_steps, warmup, stride, n_components, transfers, time_shift
             steps.append(Step(k, "reuse", (*fetch, Emit("cache", host))))
         else:
             steps.append(Step(k, "reuse", (Emit("previous"),)))
-    return Program(num_steps, warmup, stride, n_components, time_shift, stride_reuse, tuple(steps))
+    return Program(num_steps, warmup, stride, n_components, time_shift, stride_reuse, tuple(steps), skip)
 
 
 def critical_path_steps(num_steps, warmup, stride):

@@ -6,6 +6,7 @@ torchrun's environment variables, or by torchrun itself).
                                        [--group R1,R2,...] [--timeout SECONDS] [--cuda]
                                        [--transport NAME] [--same-gpu] [--interrupt-after K] [--full-first]
                                        [--mismatches --at-rank R]
+                                       [--step-cache K1,K2,...]
 
 Generates with the shipped tiny model and `executor="distributed"`, then writes
 OUT/rank<r>.pt (the images) and OUT/rank<r>.json (stats, or the error it raised, and
@@ -54,6 +55,8 @@ def main():
     p.add_argument("--mismatches", action="store_true",
                    help="first two generations where rank --at-rank passes other prompts, then another seed")
     p.add_argument("--full-first", action="store_true", help="a whole generation before everything else")
+    p.add_argument("--step-cache", type=lambda s: [int(k) for k in s.split(",")], default=None,
+                   help="steps the runtime's step cache skips, e.g. 3,4")
     args = p.parse_args()
     try:
         run(args)
@@ -90,7 +93,7 @@ def run(args):
     try:
         handle = parallelize(pipe, n_components=args.n, stride=args.s, warmup=1,
                              executor="distributed", process_group=group, timeout=args.timeout,
-                             transport=args.transport)
+                             transport=args.transport, step_cache=args.step_cache)
         steps = args.steps_at_rank if args.steps_at_rank and rank == args.at_rank else args.steps
         if args.full_first:
             torch.save(_generate(pipe, steps), out / f"rank{rank}_first.pt")

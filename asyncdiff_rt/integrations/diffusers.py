@@ -14,6 +14,7 @@ from ..engine.process_group import averaged_over, device_type, group_rank, join_
 from ..engine.transports import check_transport
 from ..settings import check_distributed, check_settings, check_stages
 from ..stacking import PIPELINE_METHODS, check_stack
+from ..step_cache import check_step_cache
 from ..example_inputs import example_inputs
 from ..trace import TraceError
 
@@ -51,6 +52,12 @@ class AsyncDiffHandle:
         if hasattr(executor, "describe"):
             out.update(executor.describe())
         return out
+
+    def set_step_cache(self, step_cache):
+        """The runtime's step cache (a StepCache, a list of steps, or None) from the next
+        generation on; refused while a generation runs."""
+        plan = self._wrapper.plan
+        self._wrapper.set_step_cache(check_step_cache(step_cache, plan.warmup if plan is not None else 1))
 
     def reset(self):
         """Abandon a generation that was interrupted (the next call starts a new one)."""
@@ -95,7 +102,8 @@ class AsyncDiffHandle:
 
 def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, partition="auto",
                 stride_reuse="component", devices=None, executor="auto", graphs=True, process_group=None,
-                timeout=30.0, transport=None, kernels="auto", compile=False, config=None):
+                timeout=30.0, transport=None, kernels="auto", compile=False, config=None,
+                step_cache=None):
     """Run `pipe`'s denoiser with asynchronous denoising (AsyncDiff).
 
     Works on diffusers pipelines whose denoiser is `pipe.unet` or `pipe.transformer` and
@@ -125,6 +133,8 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
     `config`: a `tune` result (or "auto": tune now, on `devices` or every visible GPU)
     whose N, S, W, split, devices, executor and transport replace those arguments.
     `partition="quality"` runs calibration generations first (sensitivity.py).
+    `step_cache`: the runtime's step cache, a StepCache (or a list of steps to skip; see
+    asyncdiff_rt.step_cache.calibrate), part of every generation's program.
     """
     if config is not None:
         from ..tune import config_settings
@@ -142,6 +152,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         from ..sensitivity import quality_partition
 
         partition = quality_partition(pipe, n_components)
+    step_cache = check_step_cache(step_cache, warmup)
     runs_on = rank_device(devices if executor != "reference" else None, unet, 0).type
     stages = resolve_stages(kernels, compile, executor, runs_on, graphs)
     options, agree = ({"graphs": graphs, "stages": stages} if executor == "local" else {"stages": stages}), None
@@ -167,6 +178,7 @@ def parallelize(pipe, n_components=2, stride=1, warmup=1, time_shift=False, part
         except TraceError as e:  # the real call will have what the example lacked
             log.info("the plan waits for the pipeline's first call: %s", e)
     wrapper = AsyncDenoiser(unet, *planned, lambda: pipe.scheduler, rebuild=build)
+    wrapper.step_cache = step_cache
     # Bypass DiffusionPipeline.__setattr__, which would rewrite the pipeline's config.
     pipe.__dict__[attribute] = wrapper
     _save_the_originals()
