@@ -113,9 +113,10 @@ def two_process_speedup(out_dir, quality_rows):
     row = next(r for r in quality_rows if r["config"] == name)
     same = row["psnr_db"] == quality["psnr_db"] and row["max_abs_diff"] == quality["max_abs_diff"]
     print(f"  their images against one process's: PSNR {quality['psnr_db']:.2f} dB, max |diff| "
-          f"{quality['max_abs_diff']:.3f}: {'the same as' if same else 'NOT the same as'} row {name!r} above "
+          f"{quality['max_abs_diff']:.3f}: {'equal to' if same else 'NOT equal to'} row {name!r} above "
           f"(adherence {row['adherence']:.3f}, Frechet {row['frechet']:.3f})")
-    return {"speedup": speedup, "same_quality_as_row": same, **quality, **{k: r[k] for k in ("one_process_s", "two_processes_s", "transport")}}
+    return {"speedup": speedup, "same_quality_as_row": same, **quality,
+            **{k: r[k] for k in ("one_process_s", "two_processes_s", "transport")}}
 
 
 def main(argv=None):

@@ -114,7 +114,8 @@ def table(rows, card, settings):
     eager = next((r["latency_ms"] for r in rows if r["row"] == "diffusers eager" and "latency_ms" in r), None)
     best = best_one_device(rows)
     lines = [f"# asyncdiff-rt bench, tiny transformer: {card}", "", settings, "",
-             "| row | devices | latency ms | vs eager | vs best one-device row | max abs diff vs eager (images in [0, 1]) |",
+             "| row | devices | latency ms | vs eager | vs best one-device row "
+             "| max abs diff vs eager (images in [0, 1]) |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         if "latency_ms" not in r:
