@@ -127,6 +127,10 @@ def main(argv=None):
     parser.add_argument("--two-process-rank", action="store_true", help=argparse.SUPPRESS)  # under torchrun
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore", category=FutureWarning)
+    # The tiny model: one intra-op thread is faster than two, and on a busy 2-core machine two
+    # threads waiting for each other made the sequential row 6-7x slower (11.5 min against
+    # 1.7 min for its 8 images, 2026-12-03); the two-process row's baseline uses one too.
+    torch.set_num_threads(1)
     torch.manual_seed(0)
     if args.two_process_rank:
         _two_process_rank(args.out)
