@@ -333,10 +333,11 @@ def save_grid(images: dict, path: str, captions: Sequence[str], scale: int = 2) 
 # ---------------------------------------------------------------- make demo
 
 
-def run_demo(out_dir: str, samples: int = 8, steps: int = 50, guidance: float = 4.0) -> None:
-    """Few held-out prompts, sequential and N = 2; print the table, write the grid."""
+def run_demo(out_dir: str, samples: int = 8, steps: int = 50, guidance: float = 4.0) -> dict:
+    """Few held-out prompts, sequential and N = 2; print the table, write the grid; the result."""
     result = run_eval(configs="1,2x1", warmups=(3,), samples=samples, steps=steps, partitions=("auto", "upstream"),
                       stride_reuse=("component",), guidance=guidance, out_dir=out_dir, progress=True,
                       command=f"asyncdiff_rt.evaluation.run_demo({out_dir!r})")
     print(format_table(result))
     print(f"wrote {os.path.join(out_dir, 'eval.json')} and {os.path.join(out_dir, 'eval_grid.png')}")
+    return result

@@ -6,6 +6,11 @@ N = 1 (graphs only); virtual devices N = 2, 3, 4 at S = 1 and N = 2, 3 at S = 2,
 streams and on SM partitions; and N = 1 on one SM partition of each size used, for the
 scaling efficiency (speedup of the partitions over one partition / ideal speedup).
 `--quick`: the tiny SD 1.5 layout for a few steps (a smoke test; runs on the CPU).
+Baselines in the same run: `torch.compile` (inductor) of the same UNet beside eager, and,
+on the shipped tiny transformer (PixArt), what a one-device user would pick instead (a
+step cache) and diffusers' context parallelism (bench_baselines.py). Every row's final
+latents are compared with eager's; speedups are over eager and over the best one-device
+row (eager, compiled, or the runtime at N = 1).
 Latency: median over repeats after one warm-up generation (CUDA events on a GPU).
 """
 import json
@@ -28,6 +33,7 @@ from ..trace import unet_inputs
 from ..units import find_units
 
 ASYNC = [(2, 1), (3, 1), (4, 1), (2, 2), (3, 2)]
+COMPILED = "torch.compile (inductor)"
 
 
 def register(subparsers):
@@ -40,6 +46,9 @@ def register(subparsers):
     p.add_argument("--repeats", type=int, default=None, help="timed generations per row (default 3; --quick 2)")
     p.add_argument("--resolution", type=int, default=512, help="image side in pixels (GPU run)")
     p.add_argument("--no-sm", action="store_true", help="skip the SM-partition rows")
+    p.add_argument("--no-compile", action="store_true",
+                   help="skip the torch.compile rows (inductor takes minutes on a busy CPU)")
+    p.add_argument("--no-transformer", action="store_true", help="skip the tiny transformer's table")
     p.add_argument("--budget-s", type=float, default=None, help="stop adding rows after this many seconds")
     p.add_argument("--out", default=None, help="folder for bench_local_<device>.md and .json")
     p.add_argument("--distributed", action="store_true",
@@ -63,10 +72,10 @@ def device_name(device):
 def _rows(device, quick, sm):
     """(label, N, S, device list) per row; N = 0: the eager sequential loop."""
     if device.type != "cuda":
-        return [("diffusers eager", 0, 1, None), ("local N=1", 1, 1, "cpu*1"),
+        return [("diffusers eager", 0, 1, None), (COMPILED, 0, 1, None), ("local N=1", 1, 1, "cpu*1"),
                 ("local cpu*2", 2, 1, "cpu*2"), ("local cpu*3 S=2", 2, 2, "cpu*3")]
     dev = str(device)
-    rows = [("diffusers eager", 0, 1, None), ("local N=1 (graphs)", 1, 1, f"{dev}*1")]
+    rows = [("diffusers eager", 0, 1, None), (COMPILED, 0, 1, None), ("local N=1 (graphs)", 1, 1, f"{dev}*1")]
     pairs = ASYNC[:1] + ASYNC[3:4] if quick else ASYNC
     rows += [(f"streams N={n} S={s}", n, s, f"{dev}*{n + s - 1}") for n, s in pairs]
     if sm:
@@ -111,7 +120,8 @@ class _Bench:
         return latents
 
     def time(self, unet):
-        """(median latency ms, host ms per step) over the repeats after one warm-up run."""
+        """(median latency ms, host ms per step, last latents) over the repeats after one
+        warm-up run."""
         cuda = self.device.type == "cuda"
         self.generate(unet, [])
         latencies, host = [], []
@@ -121,26 +131,37 @@ class _Bench:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
                 start.record()
             t0 = time.perf_counter()
-            self.generate(unet, host)
+            latents = self.generate(unet, host)
             if cuda:
                 end.record()
                 end.synchronize()
                 latencies.append(start.elapsed_time(end))
             else:
                 latencies.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(latencies), 1e3 * sum(host) / len(host)
+        return statistics.median(latencies), 1e3 * sum(host) / len(host), latents
 
     def row(self, label, n, s, devices):
+        """Row `label` measured; with its final latents' largest difference from eager's
+        (the first row's, which is eager)."""
+        out = self._row(label, n, s, devices)
+        latents = out.pop("latents")
+        if label == "diffusers eager":
+            self.eager_latents = latents
+        out["max_abs_diff_vs_eager"] = float((latents.float() - self.eager_latents.float()).abs().max())
+        return out
+
+    def _row(self, label, n, s, devices):
         out = {"row": label, "n_components": n, "stride": s, "devices": devices}
         if n == 0:
-            out["latency_ms"], out["host_ms_per_step"] = self.time(self.unet)
+            unet = torch.compile(self.unet) if label == COMPILED else self.unet
+            out["latency_ms"], out["host_ms_per_step"], out["latents"] = self.time(unet)
             out["weights_mib_per_device"] = [sum(p.numel() * p.element_size() for p in self.unet.parameters()) / 2**20]
             return out
         plan = self.plan(n, s)
         executor = make_executor("local", self.unet, plan, devices=devices)
         try:
             wrapper = AsyncDenoiser(self.unet, plan, executor, lambda: self.scheduler)
-            out["latency_ms"], out["host_ms_per_step"] = self.time(wrapper)
+            out["latency_ms"], out["host_ms_per_step"], out["latents"] = self.time(wrapper)
             stats = executor.stats.as_dict()
             out["mib_moved_per_step"] = sum(stats["received_bytes_per_device"]) / 2**20 / max(
                 stats["generations"] * self.steps, 1)
@@ -157,18 +178,28 @@ def _fmt(v, spec=".1f"):
     return "-" if v is None else format(v, spec)
 
 
+def best_one_device(rows):
+    """The lowest latency of the rows that use one whole device (eager, compiled, N = 1)."""
+    one = [r["latency_ms"] for r in rows if "latency_ms" in r and r["n_components"] <= 1
+           and "@sm" not in (r.get("devices") or "")]
+    return min(one, default=None)
+
+
 def table(rows, card, settings):
-    eager = next((r["latency_ms"] for r in rows if r["n_components"] == 0 and "latency_ms" in r), None)
+    eager = next((r["latency_ms"] for r in rows if r["row"] == "diffusers eager" and "latency_ms" in r), None)
+    best = best_one_device(rows)
     base = {r["devices"].split("/")[-1]: r["latency_ms"] for r in rows
             if r.get("devices") and "@sm/" in r["devices"] and "latency_ms" in r}
     lines = [f"# asyncdiff-rt bench: {card}", "", settings, "",
-             "| row | devices | latency ms | vs eager | host ms/step | MiB moved/step | weights MiB/device "
-             "| ideal | SM efficiency |", "|---|---|---|---|---|---|---|---|---|"]
+             "| row | devices | latency ms | vs eager | vs best one-device row | max abs diff vs eager "
+             "| host ms/step | MiB moved/step | weights MiB/device | ideal | SM efficiency |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['row']} | {r['devices'] or '-'} | {r['error']} | | | | | | |")
+            lines.append(f"| {r['row']} | {r['devices'] or '-'} | {r['error']} | | | | | | | | |")
             continue
         speed = eager / r["latency_ms"] if eager else None
+        over_best = best / r["latency_ms"] if best else None
         eff = None
         if r.get("devices") and r["devices"].endswith("@sm") and r.get("ideal_speedup"):
             one = base.get(str(r["n_components"] + r["stride"] - 1))
@@ -177,6 +208,7 @@ def table(rows, card, settings):
                 r["sm_scaling_efficiency"] = eff
         weights = "/".join(f"{w:.0f}" if w >= 10 else f"{w:.2f}" for w in r["weights_mib_per_device"])
         lines.append(f"| {r['row']} | {r['devices'] or 'whole UNet'} | {r['latency_ms']:.1f} | {_fmt(speed, '.2f')}x "
+                     f"| {_fmt(over_best, '.2f')}x | {_fmt(r.get('max_abs_diff_vs_eager'), '.2e')} "
                      f"| {r['host_ms_per_step']:.2f} | {_fmt(r.get('mib_moved_per_step'), '.2f')} | {weights} "
                      f"| {_fmt(r.get('ideal_speedup'), '.2f')} | {_fmt(eff, '.2f')} |")
     return "\n".join(lines) + "\n"
@@ -200,6 +232,8 @@ def run(args):
     print(f"device: {card}\n{settings}", flush=True)
     rows = []
     for label, n, s, devices in _rows(device, quick, sm=not args.no_sm):
+        if label == COMPILED and args.no_compile:
+            continue
         if args.budget_s and time.perf_counter() - t_start > args.budget_s:
             rows.append({"row": label, "n_components": n, "stride": s, "devices": devices,
                          "error": "skipped (time budget)"})
@@ -216,6 +250,10 @@ def run(args):
     if args.out:
         print(f"wrote {' and '.join(str(p) for p in _write(Path(args.out), card, settings, steps, rows))}")
     failed = [r for r in rows if "error" in r and not r["error"].startswith("skipped") and "SM" not in r["row"]]
+    if not args.no_transformer:
+        from .bench_baselines import run_transformer
+
+        failed += run_transformer(args, device, steps, repeats, card)
     return 1 if failed else 0
 
 
