@@ -103,8 +103,10 @@ def test_transports_are_checked_before_any_work(pipe, world_of_one):
 
 def test_measured_partition_follows_measured_times(pipe):
     """partition="measured" balances what the units take where the denoiser runs, not
-    their FLOPs: a slow output unit (50 ms here) ends up alone in the last component."""
-    hook = pipe.unet.conv_out.register_forward_pre_hook(lambda *_: time.sleep(0.05))
+    their FLOPs: a slow output unit (0.5 s here) ends up alone in the last component.
+    The other units took 137-246 ms in all at load 16 on the shared 2-core machine
+    (2026-12-03; 50 ms lost to them there)."""
+    hook = pipe.unet.conv_out.register_forward_pre_hook(lambda *_: time.sleep(0.5))
     try:
         handle = asyncdiff_rt.parallelize(pipe, n_components=2, partition="measured")
         measured = handle.plan.partition
