@@ -52,7 +52,8 @@ CACHE_HOOKS = (
 # The only executor whose forwards are the denoiser's own whole forwards.
 COMPOSING_EXECUTORS = ("reference",)
 _BY_HOOK = {name: entry for entry in CACHE_HOOKS for name in entry.hooks}
-_ALTERNATIVE = "disable it with {at}.disable_cache()"
+_ALTERNATIVE = ("disable it with {at}.disable_cache() and use the runtime's own step cache, which composes with "
+                "asynchronous steps (parallelize(..., step_cache=asyncdiff_rt.step_cache.calibrate(...)))")
 
 
 # Pipeline methods that find the denoiser by its class (diffusers' LoRA methods skip a
@@ -142,7 +143,7 @@ def check_steps(denoiser, warmup, steps):
                 f"{at} has diffusers' step cache {entry.config} enabled: it keeps {entry.keeps} across "
                 f"steps, and with warmup {warmup} < {steps} steps it would see partitioned, stale forwards. "
                 f"{_ALTERNATIVE.format(at=at)}, or parallelize with warmup >= steps (here "
-                f"warmup={steps}: the cached plain pipeline's result); the runtime's own step cache is planned")
+                f"warmup={steps}: the cached plain pipeline's result)")
 
 
 def _unknown(entry, at):
