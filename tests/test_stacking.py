@@ -12,16 +12,9 @@ from torch._dynamo.utils import counters
 import asyncdiff_rt
 from asyncdiff_rt.async_denoiser import AsyncDenoiser
 from asyncdiff_rt.models import tiny_pipelines as tiny
+from test_step_cache_hooks import STEPS, flux_call as call  # one tiny FLUX call for both files
 
 warnings.filterwarnings("ignore")
-STEPS = 4
-EMBEDS, POOLED = tiny.tiny_prompt_embeddings()
-
-
-def call(pipe, callback=None):
-    return pipe(prompt_embeds=EMBEDS, pooled_prompt_embeds=POOLED, height=16, width=16, output_type="latent",
-                num_inference_steps=STEPS, generator=torch.Generator().manual_seed(0),
-                callback_on_step_end=callback).images
 
 
 @pytest.fixture(scope="module")
