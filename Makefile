@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python -m asyncdiff_rt.demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n 2 --dist loadfile
+	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 clean:
 	rm -rf $(VENV) build *.egg-info
