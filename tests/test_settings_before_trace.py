@@ -8,26 +8,10 @@ import torch
 
 import asyncdiff_rt
 import asyncdiff_rt.integrations.diffusers as integration
-from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline, tiny_transformer_pipeline
+from asyncdiff_rt.models.tiny_pipelines import tiny_transformer_pipeline
+from test_settings import Traced, planned, sd15  # noqa: F401 (fixtures): the same trace probe and pipeline
 
 warnings.filterwarnings("ignore")
-
-
-class Traced(Exception):
-    pass
-
-
-@pytest.fixture(scope="module")
-def sd15():
-    return tiny_sd_pipeline("sd15")
-
-
-@pytest.fixture
-def no_trace(monkeypatch):
-    def probe(*args, **kwargs):
-        raise Traced
-
-    monkeypatch.setattr(integration, "make_plan", probe)
 
 
 UNSEEN_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else 0}"
@@ -44,12 +28,12 @@ UNSEEN_GPU = f"cuda:{torch.cuda.device_count() if torch.cuda.is_available() else
     (dict(partition=[["conv_in", "down_blocks.0", "down_blocks[0]"], ["up_blocks", "conv_out"]]),
      r"'down_blocks\[0\]' \(component 0\) overlaps 'down_blocks.0' \(component 0\)"),
 ])
-def test_refused_before_the_trace(sd15, no_trace, kwargs, message):
+def test_refused_before_the_trace(sd15, planned, kwargs, message):
     with pytest.raises(ValueError, match=message):
         asyncdiff_rt.parallelize(sd15, **kwargs)
 
 
-def test_upstream_on_a_transformer_is_refused_before_the_trace(no_trace):
+def test_upstream_on_a_transformer_is_refused_before_the_trace(planned):
     pipe = tiny_transformer_pipeline("pixart")
     with pytest.raises(ValueError, match='partition="upstream" has no table for an architecture with no published'):
         asyncdiff_rt.parallelize(pipe, partition="upstream")
