@@ -65,7 +65,8 @@ def _executor(rank, size=2, backend="gloo", device="cpu", links=None, log=None):
     ex = DistributedExecutor.__new__(DistributedExecutor)
     ex.rank, ex.device, ex._links, ex._stream, ex._shares = rank, torch.device(device), links, None, None
     ex.peers = _Peers(rank, size, backend, [] if log is None else log)
-    ex._init_role(graphs=False)
+    ex._use_graphs = False
+    ex._init_role()
     ex._k, ex._outputs, ex._layout, ex._wires = 0, {}, None, None
     ex._call = SimpleNamespace(latent=torch.zeros(4, device=device))
     return ex

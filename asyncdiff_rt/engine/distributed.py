@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.utils._pytree as pytree
 
 from ..profiling.nvtx import RANGES
-from ..schedule import Emit, Forward, Send, SendLatent
+from ..schedule import Send
 from . import wire
 from .agreement import GenerationMismatch, differences, generation_digest
 from .call import timestep_table
@@ -38,6 +38,7 @@ from .process_group import rank_device
 from .replica import Replica, call_layout, replicate, weight_bytes
 from .stages import EAGER
 from .stats import ExecutorStats
+from .step_loop import StepLoop
 from .transports import choose_transport
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,12 @@ class _Wires:
         return box[key]
 
 
-class DistributedExecutor:
+class DistributedExecutor(StepLoop):
     name = "distributed"
+    # a sibling (another call role) has its own caches, graphs and generation state on these:
+    # this one's process group, replica and stream
+    shared_by_roles = ("plan", "peers", "rank", "transport", "_links", "device", "replica", "_stream", "stats",
+                       "timeline", "_use_graphs")
 
     def __init__(self, denoiser, plan, group, devices=None, timeout_s=30.0, graphs=True, transport=None,
                  stages=EAGER):
@@ -85,22 +90,17 @@ class DistributedExecutor:
         self._stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.stats = ExecutorStats(plan.n_devices)
         self.timeline = None
+        self._use_graphs = graphs and self._stream is not None
         self._shares = None
-        self._init_role(graphs and self._stream is not None)
+        self._init_role()
 
-    def sibling(self):
-        """An executor for another call role: its own caches, graphs and generation state,
-        on this one's process group, replica and stream. Close it before this one."""
-        other = DistributedExecutor.__new__(DistributedExecutor)
-        for name in ("plan", "peers", "rank", "transport", "_links", "device", "replica", "_stream", "stats",
-                     "timeline"):
-            setattr(other, name, getattr(self, name))
-        other._shares = self
-        other._init_role(self.graphs.enabled)
-        return other
+    @property
+    def _range_suffix(self):
+        return f" (rank {self.rank})"
 
-    def _init_role(self, graphs):
-        self.graphs = GraphCache(enabled=graphs)
+    def _init_role(self):
+        super()._init_role()
+        self.graphs = GraphCache(enabled=self._use_graphs)
         self._layouts = OrderedDict()  # (input layout, messages) -> _Wires, least recently used first
         self._loose = None  # the _Wires of a call without a layout key (made again each generation)
         self._posted = {}  # step -> the exchange posted for it
@@ -108,8 +108,6 @@ class DistributedExecutor:
         # must agree on it (it decides whether a layout message comes first), so it is kept and
         # evicted by the sequence of generations alone, which is the same on every rank.
         self._skeletons = OrderedDict()
-        self._handlers = {Send: self._receive, SendLatent: self._latent, Forward: self._forward, Emit: self._emit}
-        self._program = None
 
     def describe(self):
         """What handle.stats() adds for this executor."""
@@ -130,37 +128,22 @@ class DistributedExecutor:
     # ---------------------------------------------------------------- generation
     def start(self, program, timesteps):
         self._drain()
-        self._program, self._timesteps = program, timesteps
+        super().start(program, timesteps)
         self._committed = {}
-        self._wires = self._wires_key = self._out_skeleton = self._previous = None
+        self._wires = self._wires_key = self._out_skeleton = None
 
-    def step(self, k, call):
-        if self._program is None:
-            raise RuntimeError("no generation is running (an earlier step failed); start a new one")
-        self.peers.step = k
-        try:
-            return self._step(k, call)
-        except PeerFailure:
-            self._stop()
-            raise
-        except GenerationMismatch:  # every rank raises it at the same message: the group stays usable
-            self._program = None
-            raise
-        except BaseException as e:
-            self._stop()
-            self.peers.fail(e)  # the other ranks raise now instead of at the timeout
-            raise
+    def _before_step(self, step):
+        self.peers.step = self._k  # named in the failures peers.py reports
+        if self._k == 0:
+            self._begin(self._call)
 
-    def _step(self, k, call):
-        step = self._program.steps[k]
-        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
-        if k == 0:
-            self._begin(call)
-        with RANGES.range(f"step {k}/{step.phase} (rank {self.rank})"):
-            step.run(self._handlers, self.name)
-        self.stats.steps[step.phase] += 1
-        self._previous = self._emitted
-        return self._emitted
+    def _abandon(self, error):
+        if isinstance(error, GenerationMismatch):  # every rank raises it at the same message: the group stays usable
+            super()._abandon(error)
+            return
+        self._stop()
+        if not isinstance(error, PeerFailure):
+            self.peers.fail(error)  # the other ranks raise now instead of at the timeout
 
     def _begin(self, call):
         """First step of a program: the ranks agree on what they run, and the timesteps
@@ -214,11 +197,12 @@ class DistributedExecutor:
         return self.device if self._links is not None else self._wire_device()
 
     # ---------------------------------------------------------------- instructions
-    def _latent(self, ins):
+    def _send_latent(self, ins):
         pass  # every rank's pipeline computed x_k itself
 
-    def _receive(self, ins):
-        """The first Send of a step: wait for what this rank receives in it."""
+    def _send(self, ins):
+        """The first Send of a step: wait for what this rank receives in it (the exchange
+        was posted at the step before: _post)."""
         posted = self._posted.pop(self._k, None)
         if posted is not None:
             self._complete(posted)
@@ -480,31 +464,35 @@ class DistributedExecutor:
 
     # ---------------------------------------------------------------- the prediction
     def _emit(self, ins):
-        """Post the next step's exchange, then share this step's prediction: the host
-        sends it to every rank, the others receive it."""
-        k, program = self._k, self._program
-        if k + 1 < program.num_steps and self._wires is not None:
-            self._post(k + 1)
-        if ins.source == "previous":
-            self._emitted = self._previous
-            return
-        host, peers, device = program.host, self.peers, self._wire_device()
+        """Post the next step's exchange, then share this step's prediction."""
+        if self._k + 1 < self._program.num_steps and self._wires is not None:
+            self._post(self._k + 1)
+        super()._emit(ins)
+
+    def _emit_forward(self, device):
+        return self._share(lambda: self._outputs[device])
+
+    def _emit_cache(self):
+        # the glue around the cached output units
+        tau = self._k - int(self._program.time_shift)
+        return self._share(lambda: self._run("reuse", tau, self._wires.full_cache, compute=())[0])
+
+    def _share(self, prediction):
+        """The host makes the prediction (`prediction()`, run on the host alone) and sends it
+        to every rank; the others receive it."""
+        k, host, peers, device = self._k, self._program.host, self.peers, self._wire_device()
         if peers.backend != "nccl":  # NCCL's waits are polled, and they follow this rank's stream
             self._settle(f"waiting for step {k}'s messages on this rank's GPU")
         if self.rank == host:
-            if ins.source == "forward":
-                out = self._outputs[ins.device]
-            else:  # "cache": the glue around the cached output units
-                out, _ = self._run("reuse", k - int(program.time_shift), self._wires.full_cache, compute=())
+            out = prediction()
             skeleton = self._out_skeleton
             buffer = wire.pack(out, skeleton, wire.empty_buffer(skeleton, device))
             peers.wait(peers.batch([(dist.isend, buffer, rank, f"sending the prediction of step {k} to rank {rank}")
                                     for rank in range(peers.size - 1)]))
-            self._emitted = out
-        else:
-            what = f"receiving the prediction of step {k} from rank {host}"
-            received = self._receive_tree(self._out_skeleton, host, what, batched=True)  # as the host sends it
-            self._emitted = _moved(received, self._call.latent.device)
+            return out
+        what = f"receiving the prediction of step {k} from rank {host}"
+        received = self._receive_tree(self._out_skeleton, host, what, batched=True)  # as the host sends it
+        return _moved(received, self._call.latent.device)
 
     def _settle(self, what, streams=None):
         """ipc: wait within the timeout for this rank's current stream (or `streams`)

@@ -23,7 +23,7 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..profiling.nvtx import RANGES
-from ..schedule import Emit, Forward, Send, SendLatent
+from ..schedule import Send
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
 from .call import timestep_table
 from .devices import count_devices, open_devices
@@ -31,6 +31,7 @@ from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
 from .stages import EAGER
 from .stats import ExecutorStats
+from .step_loop import StepLoop
 from .transfer import TransferEngine
 
 log = logging.getLogger(__name__)
@@ -54,8 +55,12 @@ class _Layout:
     warmup_latent: torch.Tensor = None  # the host's latent in warm-up forwards
 
 
-class LocalExecutor:
+class LocalExecutor(StepLoop):
     name = "local"
+    # a sibling (another call role) has its own caches, graphs, events and generation state on
+    # these: the lanes, streams and replicas (weights are not copied again)
+    shared_by_roles = ("plan", "home", "lanes", "engine", "replicas", "stats", "delay_cycles", "timeline",
+                       "_devices", "_use_graphs")
 
     def __init__(self, denoiser, plan, devices=None, graphs=True, backend=None, stages=EAGER):
         self.plan = plan
@@ -79,24 +84,14 @@ class LocalExecutor:
         self.stats = ExecutorStats(n)
         self.delay_cycles = 0  # tests: GPU spin before every queued forward and copy, to expose races
         self.timeline = None  # a profiling.timeline.Timeline records what is queued (handle.profile)
+        self._use_graphs = graphs
         self._shares = None  # the executor whose lanes and replicas a sibling uses (None: its own)
-        self._init_role(graphs)
+        self._init_role()
 
-    def sibling(self):
-        """An executor for another call role (SEMANTICS.md): its own caches, graphs, events
-        and generation state, on this executor's lanes, streams and replicas (weights are
-        not copied again). Close it before this one."""
-        other = LocalExecutor.__new__(LocalExecutor)
-        other.plan, other.home, other.lanes, other.engine = self.plan, self.home, self.lanes, self.engine
-        other.replicas, other.stats, other.delay_cycles = self.replicas, self.stats, self.delay_cycles
-        other.timeline = self.timeline
-        other._devices, other._shares = self._devices, self
-        other._init_role(self.graphs.enabled)
-        return other
-
-    def _init_role(self, graphs):
+    def _init_role(self):
         """The state one role of calls owns."""
-        self.graphs = GraphCache(enabled=graphs)
+        super()._init_role()
+        self.graphs = GraphCache(enabled=self._use_graphs)
         self._buffer_plan = None
         self._layouts = OrderedDict()  # input layout -> _Layout, least recently used first
         ev = self.engine.event
@@ -108,8 +103,6 @@ class LocalExecutor:
         host = self.lanes[-1].device
         self._hops = [(ev(host), ev(lane.device)) for lane in self.lanes]  # host -> lane -> host in a warm-up
         self._in_flight = []  # tensors a warm-up passed between lanes: kept until every lane is past them
-        self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
-        self._program = None
 
     def _replicate(self, denoiser, stages):
         paths, comps = self.plan.graph.paths, self.plan.partition.components
@@ -125,26 +118,17 @@ class LocalExecutor:
     def start(self, program, timesteps):
         if self._buffer_plan is None:
             self._buffer_plan = buffer_plan(self.plan, program)
-        self._program, self._timesteps = program, timesteps
+        super().start(program, timesteps)
         self._rounds = [0] * len(self.lanes)
         self._last_done = [None] * len(self.lanes)  # the event after each lane's latest forward
         self._pending = [[] for _ in self.lanes]
         self._committed, self._issued = {}, set()
-        self._buffers = self._generation_layout = self._tables = self._emit_spec = self._previous = None
+        self._buffers = self._generation_layout = self._tables = self._emit_spec = None
 
-    def step(self, k, call):
-        if self._program is None:
-            raise RuntimeError("no generation is running (an earlier step failed); start a new one")
-        try:
-            return self._step(k, call)
-        except BaseException:
-            self._abandon()
-            raise
-
-    def _step(self, k, call):
-        program = self._program
-        step = program.steps[k]
-        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
+    def _before_step(self, step):
+        """Bind this call's layout (its buffers, graphs and timestep tables) and mark the
+        pipeline's stream: the step's work waits for what the pipeline queued before."""
+        call = self._call
         self._in_flight = []  # the last step ended with a join: no lane reads them any more
         self._layout = call_layout(call)  # None: forwards run eagerly
         key = self._layout if self._layout is not None else ("eager", call.shapes())
@@ -154,23 +138,21 @@ class LocalExecutor:
                 timestep_table(self._timesteps, call, lane.device) for lane in self.lanes]
         self._use_layouts(self._generation_layout, key)
         self._ready.record(self._pipeline_stream())
-        host_start = self._mark(None)
-        with RANGES.range(f"step {k}/{step.phase}"):
-            step.run(self._handlers, self.name)
-            if k + 1 == program.num_steps or step.phase == "warmup":
-                self._join_lanes()  # the caller (or the next step) may free what any lane still reads
-            if k + 1 < program.num_steps and self._buffers is not None:
-                self._issue_sends(k + 1)  # as soon as the producing forwards are queued
-        self.stats.steps[step.phase] += 1
-        if self.timeline is not None:
-            self.timeline.host(k, step.phase, host_start, self._mark(None))
-        self._previous = self._emitted
-        return self._emitted
+        self._host_start = self._mark(None)
 
-    def _abandon(self):
-        """After an error: end the generation and let queued work finish, so that the
-        next call starts from quiet devices (a failed capture was already closed)."""
-        self._program = None
+    def _after_step(self, step):
+        k, last = self._k, self._program.num_steps
+        if k + 1 == last or step.phase == "warmup":
+            self._join_lanes()  # the caller (or the next step) may free what any lane still reads
+        if k + 1 < last and self._buffers is not None:
+            self._issue_sends(k + 1)  # as soon as the producing forwards are queued
+        if self.timeline is not None:
+            self.timeline.host(k, step.phase, self._host_start, self._mark(None))
+
+    def _abandon(self, error=None):
+        """After an error (or at close): end the generation and let queued work finish, so
+        that the next call starts from quiet devices (a failed capture was already closed)."""
+        super()._abandon(error)
         self._quiesce()
         self._in_flight = []
 
@@ -457,27 +439,24 @@ class LocalExecutor:
 
     def _emit(self, ins):
         with RANGES.range(f"step {self._k}/emit ({ins.source})"):
-            self._emit_now(ins)
+            super()._emit(ins)
 
-    def _emit_now(self, ins):
-        stream = self._pipeline_stream()
-        if ins.source == "previous":
-            self._emitted = self._previous
-        elif ins.source == "forward":
-            lane = self._program.host if ins.device is None else ins.device
-            self._last_done[lane].wait(stream)
-            self._emitted = self._to_pipeline(self._outputs[ins.device])
-        elif self._emit_spec is not None:  # "cache": the fetched output unit's output
-            host = self._program.host
+    def _emit_forward(self, device):
+        lane = self._program.host if device is None else device
+        self._last_done[lane].wait(self._pipeline_stream())
+        return self._to_pipeline(self._outputs[device])
+
+    def _emit_cache(self):
+        host, stream = self._program.host, self._pipeline_stream()
+        if self._emit_spec is not None:  # the fetched output unit's output
             for event in self._pending[host]:
                 event.wait(stream)
             cached = self._buffers[host].received[self.plan.graph.output_unit][self._slot(host)]
-            self._emitted = self._to_pipeline(pytree.tree_unflatten([cached], self._emit_spec))
-        else:  # "cache", general denoiser: the glue around the host's cached units
-            host = self._program.host
-            out = self._run(host, "reuse", self._k - int(self._program.time_shift), commit=False, compute=())
-            self._last_done[host].wait(stream)
-            self._emitted = self._to_pipeline(out)
+            return self._to_pipeline(pytree.tree_unflatten([cached], self._emit_spec))
+        # a general denoiser: the glue around the host's cached units
+        out = self._run(host, "reuse", self._k - int(self._program.time_shift), commit=False, compute=())
+        self._last_done[host].wait(stream)
+        return self._to_pipeline(out)
 
     def _to_pipeline(self, out):
         """A copy of a (static) output on the pipeline's device, queued on its stream."""

@@ -7,55 +7,39 @@ program that forgets a transfer computes with stale data and the tests see it.
 import torch
 import torch.utils._pytree as pytree
 
-from ..profiling.nvtx import RANGES
-from ..schedule import Emit, Forward, Send, SendLatent
 from .stages import EAGER, apply_stages
 from .stats import ExecutorStats
+from .step_loop import StepLoop
 from .substitution import UnitSwitch
 
 
-class ReferenceExecutor:
+class ReferenceExecutor(StepLoop):
     name = "reference"
+    shared_by_roles = ("plan", "_switch", "stats")  # a sibling: its own simulated devices, on the same denoiser
+    _range_suffix = " (reference)"
 
-    def __init__(self, denoiser, plan, switch=None, stages=EAGER):
+    def __init__(self, denoiser, plan, stages=EAGER):
         self.plan = plan
-        self._owns_switch = switch is None
         # the stages of every device, on the one denoiser (stages.py), under the unit switch
-        self._stages = apply_stages(denoiser, plan.graph.paths, plan.graph.paths, stages) if switch is None else None
+        self._stages = apply_stages(denoiser, plan.graph.paths, plan.graph.paths, stages)
         try:
-            self._switch = switch or UnitSwitch(denoiser, plan.graph.paths)
+            self._switch = UnitSwitch(denoiser, plan.graph.paths)
         except BaseException:
             self._stages.remove()  # nothing left half-made
             raise
-        self._handlers = {Send: self._send, SendLatent: self._send_latent, Forward: self._forward, Emit: self._emit}
         self.stats = ExecutorStats(plan.n_devices)
-        self._program = None
-
-    def sibling(self):
-        """An executor for another call role (SEMANTICS.md): its own simulated devices and
-        caches, on the same denoiser. Close it before this one."""
-        other = ReferenceExecutor(None, self.plan, switch=self._switch)
-        other.stats = self.stats
-        return other
+        self._shares = None
+        self._init_role()
 
     def start(self, program, timesteps):
         """Begin one generation: empty caches on every simulated device."""
-        self._program, self._timesteps = program, timesteps
+        super().start(program, timesteps)
         self._shapes = {}  # unit -> an output of it, filled by the warm-up commit
         self._views = [_DeviceCache(self._shapes) for _ in range(program.n_devices)]
         self._latents = [None] * program.n_devices
-        self._previous = None
 
-    def step(self, k, call):
-        """Run step k of the program for the pipeline's denoiser call; return its eps."""
-        step = self._program.steps[k]
-        self._k, self._call, self._outputs, self._emitted = k, call, {}, None
-        self._latents[self._program.host] = call.latent
-        with RANGES.range(f"step {k}/{step.phase} (reference)"):
-            step.run(self._handlers, self.name)
-        self.stats.steps[step.phase] += 1
-        self._previous = self._emitted
-        return self._emitted
+    def _before_step(self, step):
+        self._latents[self._program.host] = self._call.latent
 
     def _send(self, ins):
         entry = self._views[ins.src][ins.unit]
@@ -89,20 +73,18 @@ class ReferenceExecutor:
                 self._shapes.setdefault(path, out)
         self.stats.forwards[-1 if ins.device is None else ins.device] += 1
 
-    def _emit(self, ins):
-        if ins.source == "forward":
-            self._emitted = self._outputs[ins.device]
-        elif ins.source == "previous":
-            self._emitted = self._previous
-        else:  # "cache": the output assembled from the host's cache, no unit runs
-            host = self._program.host
-            tau = self._timesteps[self._k - int(self._program.time_shift)]
-            skipped = self.plan.transfers.skipped_arguments(host)
-            with self._switch.forward_with((), self._views[host], {}):
-                self._emitted = self._call.run(self._call.latent, tau, skipped)
+    def _emit_forward(self, device):
+        return self._outputs[device]
+
+    def _emit_cache(self):
+        host = self._program.host
+        tau = self._timesteps[self._k - int(self._program.time_shift)]
+        skipped = self.plan.transfers.skipped_arguments(host)
+        with self._switch.forward_with((), self._views[host], {}):
+            return self._call.run(self._call.latent, tau, skipped)
 
     def close(self):
-        if self._owns_switch:
+        if self._shares is None:  # a sibling leaves the switch and stages to their owner
             self._switch.remove()
             self._stages.remove()
 
