@@ -1,4 +1,5 @@
-"""Executors: they run a program and differ only in how they move tensors and launch work."""
+"""Executors: they run a program and differ only in how they move tensors and launch work
+(the step loop they share: step_loop.py)."""
 from .devices import lists_gpus
 from .local import LocalExecutor
 from .reference import ReferenceExecutor
