@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,6 +17,8 @@ from asyncdiff_rt.commands import bench, bench_baselines
 from asyncdiff_rt.commands import bench_context_parallel as cp
 
 from ranks import free_port, rank_env
+
+WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -116,14 +119,13 @@ def test_both_sizes_split_evenly_over_two_ranks(size):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_context_parallel_bench_on_the_cpu(tmp_path):
-    """Two gloo ranks on the CPU, the tiny FLUX, 2 steps: one process and the runtime at N = 2 run,
-    Ulysses and ring say why they are empty (25-39 s at load 3-7 on the shared 2 cores, most
-    of it two processes' imports)."""
+    """Two gloo ranks on the CPU, the tiny FLUX, 2 steps: one process and the runtime at
+    N = 2 run, Ulysses and ring say why they are empty; then, in the same processes, the
+    Ulysses row emulated on the CPU (tests/context_parallel_worker.py) runs and matches one
+    process. 25-40 s at load 3-7 on the shared 2 cores, most of it two processes' imports."""
     port = free_port()
-    command = [sys.executable, "-m", "asyncdiff_rt.cli", "bench", "--context-parallel", "--device", "cpu",
-               "--steps", "2", "--repeats", "1", "--out", str(tmp_path)]
-    procs = [subprocess.Popen(command, env=rank_env(r, cp.WORLD, port), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for r in range(cp.WORLD)]
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=rank_env(r, cp.WORLD, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(cp.WORLD)]
     try:
         logs = [p.communicate(timeout=240)[0].decode(errors="replace")[-3000:] for p in procs]
     finally:
@@ -142,3 +144,7 @@ def test_context_parallel_bench_on_the_cpu(tmp_path):
         assert ("needs 2 GPUs" in rows[label]["empty"]) == (cp.visible_cuda_devices() < 2)
     text = (tmp_path / "bench_context_parallel_cpu.md").read_text()
     assert text.count("empty:") == 2 and "vs best one-process row" in text
+    eager, ulysses = json.loads((tmp_path / "emulated_ulysses.json").read_text())
+    assert ulysses["row"] == cp.ULYSSES and "error" not in ulysses, ulysses
+    assert ulysses["same_on_every_rank"] is True
+    assert ulysses["max_abs_diff_vs_one_process"] < 1e-5  # attention split by heads: the same sums, reordered
