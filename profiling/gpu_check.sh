@@ -10,8 +10,10 @@
 #   card's architecture (sm_90 on Hopper) and checked to be, backend_info, pytest -m "gpu and not distributed",
 #   pytest -m "gpu and distributed", the local executor's stream-ordering tests under
 #   TORCH_CUDA_SANITIZER, `asyncdiff-rt profile` (Chrome trace, Gantt PNG, summary), the
-#   projection from the profile's measured forward times, `asyncdiff-rt bench` (eager
-#   diffusers and N=1 baselines first) with the time left. The transfer and kernel
+#   projection from the profile's measured forward times, with two GPUs visible only
+#   `asyncdiff-rt bench --context-parallel` (diffusers' Ulysses and ring against the
+#   distributed executor on a tiny FLUX, 2 ranks, NCCL; noted not run with fewer), then
+#   `asyncdiff-rt bench` (eager diffusers and N=1 baselines first) with the time left. The transfer and kernel
 #   benchmarks measured on the H100 before (profiling/results/gpu_check_nvidia_h100/) run
 #   only with GPU_CHECK_MEASURED=1.
 # Each step runs under a timeout (its cap, or what is left of the budget less a reserve of
@@ -24,7 +26,8 @@
 # with stand-ins for what needs a GPU: the pytest steps run a stand-in test file (its GPU
 # test skips: that step fails as "all skipped"), the other GPU steps a stand-in that says
 # what it stands for. GPU_CHECK_REHEARSE_FAIL / GPU_CHECK_REHEARSE_SLOW: space-separated
-# step names whose stand-in fails / hangs.
+# step names whose stand-in fails / hangs. GPU_CHECK_REHEARSE_GPUS: the GPUs a rehearsal
+# counts (default 2: every step runs).
 #
 # Wheels: the device machine (Python 3.12, torch 2.11 + CUDA 13, Triton, CuPy, pybind11,
 # CMake, ninja, nvcc, pytest, pytest-timeout, transformers, huggingface_hub 1.33,
@@ -270,6 +273,20 @@ if ((${GPU_CHECK_MEASURED:-0})); then
 else
   note "bench_transfer, bench_kernels: not run (measured on the H100: profiling/results/gpu_check_nvidia_h100/;" \
     "GPU_CHECK_MEASURED=1 runs them)"
+fi
+# diffusers' context parallelism (Ulysses 2, ring 2) against the distributed executor at N=2
+# and one process, on the tiny FLUX (fp16), one rank per GPU over NCCL: only with two GPUs
+# visible (diffusers puts rank r on GPU r % the GPU count; NCCL refuses two ranks on one).
+if ((REHEARSE)); then
+  gpus="${GPU_CHECK_REHEARSE_GPUS:-2}"
+else
+  gpus="$("$PY" -c 'import torch; print(torch.cuda.device_count())' 2> /dev/null || echo 0)"
+fi
+if ((gpus >= 2)); then
+  gpu_step bench_context_parallel 90 "$PY" -m torch.distributed.run --nproc-per-node 2 -m asyncdiff_rt.cli \
+    bench --context-parallel --repeats 2 --out "$RESULTS"
+else
+  note "bench_context_parallel: not run ($gpus GPU(s) visible; diffusers' context parallelism needs 2)"
 fi
 # The local executor's table (SD 1.5 fp16, 512 px, 50 steps) with what is left: it rewrites
 # its table after every row and marks the rows that do not fit its budget skipped.

@@ -2,13 +2,23 @@
 the runtime promises it (N = 1 is eager bit for bit); rows that cannot run say why. No
 timing is asserted: timings are the benchmark's to report."""
 import importlib.util
+import json
 import os
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 
+from asyncdiff_rt.cli import Refusal
 from asyncdiff_rt.commands import bench, bench_baselines
+from asyncdiff_rt.commands import bench_context_parallel as cp
+
+from ranks import free_port, rank_env
+
+WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
 warnings.filterwarnings("ignore", category=FutureWarning)
 
@@ -42,6 +52,8 @@ def test_transformer_rows_run_or_say_why(monkeypatch):
     assert "CacheMixin" in rows["diffusers FirstBlockCache"]["empty"]
     assert "_cp_plan" in rows["diffusers context parallelism, Ulysses 2"]["empty"]
     assert "2 GPUs" in rows["diffusers context parallelism, Ulysses 2"]["empty"]
+    # where its rows on a FLUX transformer are
+    assert bench_baselines.CONTEXT_PARALLEL_COMMAND in rows["diffusers context parallelism, Ulysses 2"]["empty"]
     cache_dit = rows["cache-dit DBCache F1B0"]  # optional: without it the row says how to get it
     if importlib.util.find_spec("cache_dit") is None:
         assert "pip install cache-dit" in cache_dit["empty"]
@@ -62,3 +74,77 @@ def test_compiled_unet_close_to_eager(unet_bench):
     # inductor reorders float32 reductions: 1.72e-05 after 6 steps in the committed run
     # (profiling/results/bench_baselines_cpu/bench_local_cpu_x86_64_1_threads.md)
     assert compiled["max_abs_diff_vs_eager"] < 1e-3
+
+
+# diffusers' context parallelism on a FLUX transformer (bench --context-parallel)
+
+def test_context_parallel_rows_say_why_they_are_empty_before_any_work():
+    cpu = cp.context_parallel_unavailable(0, "gloo", "cpu")  # this machine: no GPU, a gloo group
+    assert "0 CUDA device(s) visible, needs 2 GPUs" in cpu and "ZeroDivisionError" in cpu
+    assert "backend is gloo, needs nccl" in cpu
+    one = cp.context_parallel_unavailable(1, "nccl", "cuda")
+    assert "1 CUDA device(s) visible" in one and "backend" not in one
+    assert "ranks run on cpu" in cp.context_parallel_unavailable(2, "gloo", "cpu")
+    assert cp.context_parallel_unavailable(2, "nccl", "cuda") is None  # two GPUs, NCCL: the rows run
+
+
+def test_outside_torchrun_it_says_how_to_start_it(monkeypatch):
+    from asyncdiff_rt.cli import main
+
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(Refusal, match="torchrun --nproc-per-node 2 --no-python asyncdiff-rt bench --context-parallel"):
+        main(["bench", "--context-parallel", "--device", "cpu"])
+
+
+def test_flux_size_is_refused_without_two_gpus():
+    with pytest.raises(Refusal, match="--size flux .* GPUs only, one per rank .* on the CPU use --size tiny"):
+        cp.check_size("flux", cuda=False, gpus=0)
+    cp.check_size("tiny", cuda=False, gpus=0)
+    cp.check_size("flux", cuda=True, gpus=2)
+
+
+@pytest.mark.parametrize("size", sorted(cp.SIZES))
+def test_both_sizes_split_evenly_over_two_ranks(size):
+    """Ulysses splits the heads, both split the image and the text tokens."""
+    from asyncdiff_rt.models.configs import denoiser_config
+    from asyncdiff_rt.models.tiny_pipelines import TINY_FLUX
+
+    name, side = cp.SIZES[size][:2]
+    config = TINY_FLUX if name is None else denoiser_config(name)[1]
+    image_tokens = (side // 16) ** 2  # FluxPipeline: latent side / 8, packed in 2x2 patches
+    assert config["num_attention_heads"] % cp.WORLD == 0
+    assert image_tokens % cp.WORLD == 0 and cp.TEXT_TOKENS % cp.WORLD == 0
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_context_parallel_bench_on_the_cpu(tmp_path):
+    """Two gloo ranks on the CPU, the tiny FLUX, 2 steps: one process and the runtime at
+    N = 2 run, Ulysses and ring say why they are empty; then, in the same processes, the
+    Ulysses row emulated on the CPU (tests/context_parallel_worker.py) runs and matches one
+    process. 25-40 s at load 3-7 on the shared 2 cores, most of it two processes' imports."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=rank_env(r, cp.WORLD, port),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(cp.WORLD)]
+    try:
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace")[-3000:] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert all(p.returncode == 0 for p in procs), logs
+    rows = {r["row"]: r for r in json.loads((tmp_path / "bench_context_parallel_cpu.json").read_text())["rows"]}
+    assert list(rows) == [label for label, _ in cp.ROWS]
+    assert rows["one process (eager diffusers)"]["max_abs_diff_vs_one_process"] == 0.0
+    runtime = rows[cp.RUNTIME]
+    assert runtime["latency_ms"] > 0 and runtime["same_on_every_rank"] is True
+    assert runtime["max_abs_diff_vs_one_process"] > 0.0  # step 2 reads step 1's outputs (W = 1)
+    for label in (cp.ULYSSES, cp.RING):  # checked before any work: the GPUs visible, the group's backend
+        assert "needs nccl" in rows[label]["empty"]
+        assert ("needs 2 GPUs" in rows[label]["empty"]) == (cp.visible_cuda_devices() < 2)
+    text = (tmp_path / "bench_context_parallel_cpu.md").read_text()
+    assert text.count("empty:") == 2 and "vs best one-process row" in text
+    eager, ulysses = json.loads((tmp_path / "emulated_ulysses.json").read_text())
+    assert ulysses["row"] == cp.ULYSSES and "error" not in ulysses, ulysses
+    assert ulysses["same_on_every_rank"] is True
+    assert ulysses["max_abs_diff_vs_one_process"] < 1e-5  # attention split by heads: the same sums, reordered

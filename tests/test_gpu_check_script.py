@@ -12,7 +12,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "profiling" / "gpu_check.sh"
 STEPS = ["wheels", "versions", "build", "backend_info", "pytest_gpu", "pytest_gpu_distributed",
-         "pytest_gpu_sanitizer", "profile", "projection", "asyncdiff_bench"]
+         "pytest_gpu_sanitizer", "profile", "projection", "bench_context_parallel", "asyncdiff_bench"]
 
 
 def check(results, *args, path=None, **env):
@@ -59,6 +59,15 @@ def test_a_step_past_the_budget_is_cut_and_the_rest_reported(tmp_path, wheels):
     later = STEPS[1:]
     assert all(lines[name].startswith(f"{name}: skipped (budget spent") for name in later), lines
     assert rc == len(STEPS) and lines["failed steps"].startswith(f"failed steps: {len(STEPS)} ")
+
+
+def test_the_context_parallel_bench_waits_for_two_gpus(tmp_path, wheels):
+    """With one GPU the step is noted, not run nor failed (budget 0: nothing else runs)."""
+    rc, lines = check(tmp_path, "--rehearse", GPU_CHECK_WHEELS=str(wheels), GPU_CHECK_BUDGET_S="0",
+                      GPU_CHECK_REHEARSE_GPUS="1")
+    assert lines["bench_context_parallel"] == ("bench_context_parallel: not run (1 GPU(s) visible; diffusers' "
+                                               "context parallelism needs 2)")
+    assert rc == len(STEPS) - 1  # every other step skipped for the budget
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the stop without a GPU")

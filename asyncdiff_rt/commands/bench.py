@@ -8,7 +8,9 @@ scaling efficiency (speedup of the partitions over one partition / ideal speedup
 `--quick`: the tiny SD 1.5 layout for a few steps (a smoke test; runs on the CPU).
 Baselines in the same run: `torch.compile` (inductor) of the same UNet beside eager, and,
 on the shipped tiny transformer (PixArt), what a one-device user would pick instead (a
-step cache) and diffusers' context parallelism (bench_baselines.py). Every row's final
+step cache) and diffusers' context parallelism (bench_baselines.py); `--context-parallel`
+(under torchrun, 2 ranks): diffusers' Ulysses and ring against the distributed executor on
+one FLUX transformer (bench_context_parallel.py). Every row's final
 latents are compared with eager's; speedups are over eager and over the best one-device
 row (eager, compiled, or the runtime at N = 1).
 Latency: median over repeats after one warm-up generation (CUDA events on a GPU).
@@ -53,9 +55,17 @@ def register(subparsers):
     p.add_argument("--out", default=None, help="folder for bench_local_<device>.md and .json")
     p.add_argument("--distributed", action="store_true",
                    help="under torchrun: the distributed executor against one process (bench_distributed.py)")
-    p.add_argument("--threads", type=int, default=1, help="--distributed on the CPU: intra-op threads per process")
+    p.add_argument("--context-parallel", action="store_true",
+                   help="under torchrun, 2 ranks: one process, the distributed executor at N=2 and diffusers' "
+                        "context parallelism (Ulysses 2, ring 2) on one FLUX transformer (bench_context_parallel.py)")
+    p.add_argument("--size", choices=("tiny", "flux"), default="tiny",
+                   help="--context-parallel: the tests' tiny FLUX (CPU or GPU), or FLUX.1-dev's shapes with random "
+                        "fp16 weights (GPUs only)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="--distributed, --context-parallel on the CPU: intra-op threads per process")
     p.add_argument("--no-pin", action="store_true",
-                   help="--distributed on the CPU: leave each rank's CPU affinity alone (default: its own cores)")
+                   help="--distributed, --context-parallel on the CPU: leave each rank's CPU affinity alone "
+                        "(default: its own cores)")
     p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
                    help="--distributed: prompts per generation, a comma-separated list (default 1,4)")
     p.add_argument("--transports", type=lambda v: v.split(","), default=None,
@@ -215,6 +225,10 @@ def table(rows, card, settings):
 
 
 def run(args):
+    if args.context_parallel:
+        from .bench_context_parallel import run as run_context_parallel
+
+        return run_context_parallel(args)
     if args.distributed:
         from .bench_distributed import run as run_distributed
 

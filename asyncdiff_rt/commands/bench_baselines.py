@@ -5,8 +5,9 @@ One device: eager diffusers, `torch.compile` (inductor) of the transformer, the 
 N = 1, and the step caches a one-device user would pick instead: diffusers' First Block
 Cache and cache-dit's DBCache (F1B0, warm-up steps = the runtime's W). Several devices:
 the runtime at N = 2 (`cpu*2` on the CPU, two virtual devices on a GPU) and diffusers'
-context parallelism (Ulysses, ring), whose rows say why they are empty where they cannot
-run. Each row builds a fresh pipeline, times whole pipeline calls (median after one
+context parallelism (Ulysses, ring), whose rows say why they are empty: PixArt has no
+`_cp_plan`. Those two against the runtime on a FLUX transformer, on the same two ranks,
+are `bench --context-parallel`'s table (bench_context_parallel.py). Each row builds a fresh pipeline, times whole pipeline calls (median after one
 warm-up call) and compares its images with eager's.
 """
 import json
@@ -17,6 +18,7 @@ import torch
 from .bench import best_one_device, card_slug
 from .bench_distributed import PROMPT, _timed
 
+CONTEXT_PARALLEL_COMMAND = "torchrun --nproc-per-node 2 --no-python asyncdiff-rt bench --context-parallel"
 FIRST_BLOCK_THRESHOLD = 0.05  # FirstBlockCacheConfig's default
 DB_CACHE_THRESHOLD = 0.08  # DBCacheConfig's default residual_diff_threshold
 
@@ -54,7 +56,8 @@ def _cache_dit(pipe, device, warmup):
 
 
 def _context_parallel(pipe, device, warmup):
-    """Why diffusers' context parallelism cannot run here (it never can on PixArt)."""
+    """Why diffusers' context parallelism cannot run here (it never can on PixArt); its
+    rows on a FLUX transformer are `bench --context-parallel`'s."""
     reasons = []
     if getattr(type(pipe.transformer), "_cp_plan", None) is None:
         reasons.append(f"{type(pipe.transformer).__name__} has no _cp_plan, and its attention processor calls "
@@ -62,7 +65,8 @@ def _context_parallel(pipe, device, warmup):
     if not torch.distributed.is_initialized() or torch.accelerator.device_count() < 2:
         reasons.append("needs 2 GPUs under torchrun: diffusers maps ranks to torch.accelerator.device_count() "
                        "devices (ZeroDivisionError with none)")
-    raise NotApplicable("; ".join(reasons) or "not wired into this bench for a transformer that has a _cp_plan")
+    reasons.append(f"on a FLUX transformer, beside the runtime on the same ranks: {CONTEXT_PARALLEL_COMMAND}")
+    raise NotApplicable("; ".join(reasons))
 
 
 class NotApplicable(Exception):

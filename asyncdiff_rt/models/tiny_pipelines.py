@@ -154,6 +154,11 @@ def tiny_svd_pipeline(seed=0):
 
 # Diffusion transformers: pipelines without text encoders (tests pass prompt embeddings),
 # each with a tiny transformer of the family's class.
+TINY_FLUX = dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
+                 num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
+                 axes_dims_rope=(2, 2, 4))
+
+
 def tiny_transformer_pipeline(family, seed=0):
     """A tiny `StableDiffusion3Pipeline` ("sd3"), `FluxPipeline` ("flux"),
     `PixArtSigmaPipeline` ("pixart"), `DiTPipeline` ("dit") or `WanPipeline` ("wan", Wan
@@ -173,10 +178,7 @@ def tiny_transformer_pipeline(family, seed=0):
             transformer=transformer.eval(), scheduler=flow, vae=_vae(), **no_text, text_encoder_2=None,
             tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
     elif family == "flux":
-        transformer = diffusers.FluxTransformer2DModel(
-            patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=8,
-            num_attention_heads=2, joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True,
-            axes_dims_rope=(2, 2, 4))
+        transformer = diffusers.FluxTransformer2DModel(**TINY_FLUX)
         pipe = diffusers.FluxPipeline(scheduler=flow, vae=_vae(), **no_text, text_encoder_2=None, tokenizer_2=None,
                                       transformer=transformer.eval())
     elif family == "pixart":
