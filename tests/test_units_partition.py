@@ -1,4 +1,6 @@
 import pytest
+import torch
+import torch.utils._pytree as pytree
 
 from asyncdiff_rt.models.configs import build_unet
 from asyncdiff_rt.partition import resolve_partition
@@ -139,3 +141,17 @@ def test_upstream_refused_for_an_unknown_layout():
     with pytest.raises(ValueError, match="no published split"):
         resolve_partition(graph, 2, "upstream", unet)
     assert resolve_partition(graph, 2, "auto").n_components == 2
+
+
+def test_meta_weights_trace_as_through_fake_tensors(monkeypatch):
+    """Meta weights skip fake tensors (trace.py): the same calls, reads, outputs and FLOPs
+    as through fake tensors, also from inputs made on the CPU."""
+    import asyncdiff_rt.trace as trace
+
+    meta = build_unet("tiny-sdxl", device="meta", dtype=torch.float32)
+    direct = trace.trace_denoiser(meta, unet_inputs(meta))
+    on_cpu = lambda: pytree.tree_map(  # noqa: E731
+        lambda t: torch.empty_like(t, device="cpu") if isinstance(t, torch.Tensor) else t, unet_inputs(meta)())
+    assert direct == trace.trace_denoiser(meta, on_cpu)
+    monkeypatch.setattr(trace, "_all_meta", lambda denoiser: False)
+    assert direct == trace.trace_denoiser(meta, unet_inputs(meta))
