@@ -4,8 +4,6 @@ timing is asserted: timings are the benchmark's to report."""
 import importlib.util
 import json
 import os
-import subprocess
-import sys
 import warnings
 from pathlib import Path
 
@@ -16,7 +14,7 @@ from asyncdiff_rt.cli import Refusal
 from asyncdiff_rt.commands import bench, bench_baselines
 from asyncdiff_rt.commands import bench_context_parallel as cp
 
-from ranks import free_port, rank_env
+from ranks import run_ranks
 
 WORKER = Path(__file__).with_name("context_parallel_worker.py")
 
@@ -123,16 +121,8 @@ def test_context_parallel_bench_on_the_cpu(tmp_path):
     N = 2 run, Ulysses and ring say why they are empty; then, in the same processes, the
     Ulysses row emulated on the CPU (tests/context_parallel_worker.py) runs and matches one
     process. 25-40 s at load 3-7 on the shared 2 cores, most of it two processes' imports."""
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path)], env=rank_env(r, cp.WORLD, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(cp.WORLD)]
-    try:
-        logs = [p.communicate(timeout=240)[0].decode(errors="replace")[-3000:] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-    assert all(p.returncode == 0 for p in procs), logs
+    done = run_ranks(WORKER, [tmp_path], cp.WORLD, tmp_path, timeout=240)
+    assert all(code == 0 for code, _ in done), [log for _, log in done]
     rows = {r["row"]: r for r in json.loads((tmp_path / "bench_context_parallel_cpu.json").read_text())["rows"]}
     assert list(rows) == [label for label, _ in cp.ROWS]
     assert rows["one process (eager diffusers)"]["max_abs_diff_vs_one_process"] == 0.0

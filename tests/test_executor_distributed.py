@@ -6,8 +6,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,7 +14,7 @@ import torch
 from asyncdiff_rt import parallelize
 from asyncdiff_rt.models.tiny_t2i import load_tiny
 
-from ranks import free_port, installed, rank_env
+from ranks import free_port, installed, run_ranks
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -33,28 +31,10 @@ LATE_S = 10.0
 def launch(tmp_path, world, *args, timeout=LAUNCH_S, hung=None):
     """Run `world` worker processes; {rank: (return code, record, log)}. Rank `hung` is
     killed once the others have exited."""
-    port, start = free_port(), time.monotonic()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *map(str, args)],
-                              env=rank_env(r, world, port), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
     results = {}
-    order = [r for r in range(world) if r != hung] + ([hung] if hung is not None else [])
-    try:
-        for rank in order:
-            proc = procs[rank]
-            if rank == hung:
-                proc.kill()
-            try:
-                log, _ = proc.communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
-            except subprocess.TimeoutExpired:
-                pytest.fail(f"rank {rank} did not exit within {timeout} s")
-            path = tmp_path / f"rank{rank}.json"
-            record = json.loads(path.read_text()) if path.exists() else None
-            results[rank] = (proc.returncode, record, log.decode(errors="replace")[-3000:])
-    finally:
-        for proc in procs:  # none outlives the test, whatever ended it
-            proc.kill()
-            proc.wait()
+    for rank, (code, log) in enumerate(run_ranks(WORKER, [tmp_path, *args], world, tmp_path, timeout, hung)):
+        path = tmp_path / f"rank{rank}.json"
+        results[rank] = (code, json.loads(path.read_text()) if path.exists() else None, log)
     return results
 
 

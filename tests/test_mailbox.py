@@ -4,8 +4,6 @@ the protocol's waits removed finds the race. On the CPU over shared memory; on a
 over CUDA IPC (two processes on one GPU) with the delays on the streams."""
 import contextlib
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,22 +11,14 @@ import torch
 
 from asyncdiff_rt.engine.mailbox import SLOTS, Mailbox, Route, reached
 
-from ranks import free_port, rank_env
+from ranks import run_ranks
 
 WORKER = Path(__file__).with_name("mailbox_worker.py")
 
 
 def _run(tmp_path, *args, codes=(0, 0)):
-    port = free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(tmp_path), *args], env=rank_env(r, 2, port),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in (0, 1)]
-    try:
-        logs = [p.communicate(timeout=120)[0].decode(errors="replace")[-3000:] for p in procs]
-    finally:
-        for p in procs:  # a worker that hangs must not outlive the test
-            p.kill()
-            p.wait()
-    assert tuple(p.returncode for p in procs) == codes, logs
+    done = run_ranks(WORKER, [tmp_path, *args], 2, tmp_path, timeout=120)
+    assert tuple(code for code, _ in done) == codes, [log for _, log in done]
     return [json.loads(path.read_text()) for path in (tmp_path / "rank0.json", tmp_path / "rank1.json")
             if path.exists()]
 
