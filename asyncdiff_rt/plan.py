@@ -1,6 +1,6 @@
 """A Plan ties one denoiser's units, partition and dataflow to the AsyncDiff settings,
 and builds the program for a given number of steps."""
-import weakref
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import torch
@@ -8,14 +8,14 @@ import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from .dataflow import broadcast_bytes_per_step, bytes_per_step, transfer_plan
-from .fingerprint import fingerprint
 from .partition import resolve_partition
 from .schedule import build_program, critical_path_steps, ideal_speedup, validate_settings
+from .structure import structure
 from .units import find_units
 
 _PROGRAMS_KEPT = 8  # step counts a plan keeps programs for
-_TRACES = weakref.WeakKeyDictionary()  # denoiser -> {(fingerprint, inputs): UnitGraph}
-_TRACES_KEPT = 4  # input layouts per denoiser
+_TRACES = OrderedDict()  # (structure, inputs) -> UnitGraph, least recently used first
+_TRACES_KEPT = 16  # pairs of denoiser structure and input layout
 
 
 @dataclass(frozen=True)
@@ -124,15 +124,17 @@ def make_plan(denoiser, make_inputs, n_components=2, stride=1, warmup=1, time_sh
 
 
 def traced_units(denoiser, make_inputs):
-    """`find_units`, once per (denoiser as it is now, input layout): a second plan of the
-    same model at the same inputs (another N, another partition) costs no trace."""
-    key = (fingerprint(denoiser), _describe(make_inputs))
-    traces = _TRACES.setdefault(denoiser, {})
-    if key not in traces:
-        if len(traces) >= _TRACES_KEPT:
-            del traces[next(iter(traces))]
-        traces[key] = find_units(denoiser, make_inputs)
-    return traces[key]
+    """`find_units`, once per (denoiser structure, input layout): a second plan of the same
+    model at the same inputs (another N, another partition, another pipeline of it, its
+    weights loaded again) costs no trace (structure.py)."""
+    key = (structure(denoiser), _describe(make_inputs))
+    if key in _TRACES:
+        _TRACES.move_to_end(key)
+    else:
+        if len(_TRACES) >= _TRACES_KEPT:
+            _TRACES.popitem(last=False)
+        _TRACES[key] = find_units(denoiser, make_inputs)
+    return _TRACES[key]
 
 
 def _describe(make_inputs):

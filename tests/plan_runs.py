@@ -11,14 +11,14 @@ from asyncdiff_rt.cli import main
 def plan_and_keep(runs):
     """{key: (printed text, denoiser, UnitGraph)} for `runs` {key: plan argv}; each
     command's trace is recorded (the trace cache makes a later plan of it cheap)."""
-    real, seen, out = plan_module.find_units, [], {}
+    real, seen, out = plan_module.traced_units, [], {}
 
     def recording(denoiser, make_inputs):
         seen.append((denoiser, real(denoiser, make_inputs)))
         return seen[-1][1]
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(plan_module, "find_units", recording)
+        mp.setattr(plan_module, "traced_units", recording)
         for key, argv in runs.items():
             text = io.StringIO()
             with contextlib.redirect_stdout(text):
