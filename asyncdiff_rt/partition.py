@@ -1,9 +1,9 @@
 """Partition: which component owns each unit.
 
 Strategies: "auto" (minimise the largest component's estimated time: its FLOPs, plus on
-a CPU a fixed cost per operator: `estimated_costs`), "measured" (the same with measured
-unit times: unit_times.py), "upstream" (the reference code's table for a
-recognised family), "quality" (a balanced contiguous split with the least measured
+a CPU a fixed cost per operator and per element: `estimated_costs`), "measured" (the
+same with measured unit times: unit_times.py), "upstream" (the reference code's table
+for a recognised family), "quality" (a balanced contiguous split with the least measured
 staleness error: `quality_split` here, its measurements in sensitivity.py) or an explicit
 list of N lists of module paths.
 Component N-1 always owns the unit that produces the denoiser's output.

@@ -83,7 +83,8 @@ def pin_local_rank():
     with each other, and a message's receipt waits for a core: on a 2-core machine 1-3
     ms a step (profiling/results/README.md). Only where the process may run on every
     core (an affinity the user set is theirs), torchrun's LOCAL_RANK and
-    LOCAL_WORLD_SIZE say how many ranks share the machine, and they fit its cores;
+    LOCAL_WORLD_SIZE say how many ranks share the machine, and they fit its cores (a
+    container's cpuset counts as the machine);
     ASYNCDIFF_RT_PIN=0 turns it off. Decided once per process; what was done, in words
     (handle.stats()["cpu_affinity"] and the log)."""
     if _PINNING["done"] is None:
@@ -106,9 +107,9 @@ def _pin():
     if local_rank is None or local_world is None:
         return "not pinned (no LOCAL_RANK and LOCAL_WORLD_SIZE: not launched by torchrun)"
     local_rank, local_world = int(local_rank), int(local_world)
-    available, machine = sorted(os.sched_getaffinity(0)), os.cpu_count() or 0
-    if len(available) < machine:
-        return f"not pinned (left as set: {len(available)} of {machine} cores)"
+    available, machine = sorted(os.sched_getaffinity(0)), _machine_cores()
+    if len(available) < len(machine):
+        return f"not pinned (left as set: {len(available)} of {len(machine)} cores)"
     if local_world < 2:
         return "not pinned (the only rank on this machine)"
     cores = own_cores(available, local_rank, local_world)
@@ -134,6 +135,23 @@ def own_cores(available, local_rank, local_world):
     if share < 1 or not 0 <= local_rank < local_world:
         return None
     return list(available[local_rank * share:(local_rank + 1) * share])
+
+
+def _machine_cores():
+    """The cores this process could be given: its container's cpuset (cgroup v2) where
+    there is one, else every online core."""
+    try:
+        with open("/sys/fs/cgroup/cpuset.cpus.effective") as f:
+            text = f.read().strip()
+        cores = set()
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            cores.update(range(int(first), int(last or first) + 1))
+        if cores:
+            return cores
+    except (OSError, ValueError):
+        pass
+    return set(range(os.cpu_count() or 0))
 
 
 def _threads():
