@@ -56,14 +56,13 @@ def _two_process_rank(out_dir):
     batch) keep one-off set-up out of the times."""
     import torch.distributed as dist
 
-    from .commands.bench_distributed import pin_to_own_cores
-    from .engine.process_group import join_group
+    from .engine.process_group import join_group, pinning
     from .evaluation import eval_specs, generate
     from .models.tiny_t2i import load_tiny
 
-    pinned = pin_to_own_cores(1)
     torch.set_num_threads(1)
-    join_group(None, 2, "cpu", timeout_s=120)
+    join_group(None, 2, "cpu", timeout_s=120)  # gives each rank a core of its own where it can
+    pinned = pinning()
     rank, pipe, specs = dist.get_rank(), load_tiny(), eval_specs(SAMPLES)
 
     def timed():

@@ -1,8 +1,9 @@
 """Partition: which component owns each unit.
 
-Strategies: "auto" (minimise the largest component's FLOPs), "measured" (the same with
-measured unit times: unit_times.py), "upstream" (the reference code's table for a
-recognised family), "quality" (a balanced contiguous split with the least measured
+Strategies: "auto" (minimise the largest component's estimated time: its FLOPs, plus on
+a CPU a fixed cost per operator and per element: `estimated_costs`), "measured" (the
+same with measured unit times: unit_times.py), "upstream" (the reference code's table
+for a recognised family), "quality" (a balanced contiguous split with the least measured
 staleness error: `quality_split` here, its measurements in sensitivity.py) or an explicit
 list of N lists of module paths.
 Component N-1 always owns the unit that produces the denoiser's output.
@@ -16,6 +17,15 @@ STRATEGIES = ("auto", "measured", "upstream", "quality")
 CHOICES = '"auto", "measured", "upstream", "quality" or a list of N lists of module paths'
 
 TIE = 0.005  # largest loads within 0.5% of each other are a tie (FLOP counts are estimates anyway)
+# On a CPU an operator costs time whatever its FLOPs (dispatch, allocation, passes over
+# memory): "auto" counts each as 200k FLOPs and each tensor element it reads or writes as
+# 10 more. Fitted to the shipped tiny UNet's unit times (thread CPU time, 1 thread, two
+# sets, this project's 2-core CPU, 2026-12-03): least squares gave 200-226k and 21-22;
+# these balanced both sets best. FLOPs alone made its N = 2 split's largest component
+# 1.23-1.26x the mean time (N = 3: 1.35-1.44, N = 4: 1.35-1.37); these, 1.06-1.09 (N = 3:
+# 1.03-1.07, N = 4: 1.11-1.12).
+CPU_OP_FLOPS = 200_000
+CPU_ELEMENT_FLOPS = 10
 
 
 @dataclass(frozen=True)
@@ -53,7 +63,8 @@ class Partition:
 
 def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
     """Turn `spec` into a Partition of `graph`'s units, or raise naming the fix.
-    `costs`: per unit of `graph.paths`, what "measured" balances (seconds)."""
+    `costs`: per unit of `graph.paths`, what "measured" balances (seconds). "auto" reads
+    where `denoiser`'s weights are (without one: FLOPs alone)."""
     count = len(graph.units)
     if isinstance(n_components, bool) or not isinstance(n_components, int) or not 1 <= n_components <= count:
         raise ValueError(
@@ -61,7 +72,7 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
             f"so choose an integer from 1 to {count}"
         )
     if spec == "auto":
-        return _auto(graph, n_components, [u.flops for u in graph.units], "auto")
+        return _auto(graph, n_components, estimated_costs(graph, _device_type(denoiser)), "auto")
     if spec == "measured":
         if costs is None:
             raise ValueError('partition="measured" needs the measured unit times (make_plan measures them)')
@@ -80,6 +91,23 @@ def resolve_partition(graph, n_components, spec, denoiser=None, costs=None):
             )
         return _explicit(graph, spec, "explicit")
     raise ValueError(f"partition={spec!r} is unknown; use {CHOICES}")
+
+
+def estimated_costs(graph, device_type=None):
+    """What "auto" balances, per unit: FLOPs, plus CPU_OP_FLOPS per operator and
+    CPU_ELEMENT_FLOPS per element it reads or writes when the denoiser's weights are on the
+    CPU (small models there spend much of their time per operator, not per FLOP). Counted
+    in the trace, so deterministic: every executor and rank makes the same split."""
+    if device_type != "cpu":
+        return [u.flops for u in graph.units]
+    return [u.flops + CPU_OP_FLOPS * u.ops + CPU_ELEMENT_FLOPS * u.elements for u in graph.units]
+
+
+def _device_type(denoiser):
+    """Where `denoiser`'s weights are ("cpu", "cuda", "meta"), or None without one."""
+    if denoiser is None:
+        return None
+    return next((p.device.type for p in denoiser.parameters()), None)
 
 
 def upstream_table(denoiser, n_components):

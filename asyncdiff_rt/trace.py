@@ -14,6 +14,7 @@ import torch
 import torch.utils._pytree as pytree
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from .adapters import adapter_for
@@ -46,6 +47,8 @@ class ModuleCall:
     outputs: tuple
     flops: int
     is_unit: bool
+    ops: int = 0  # aten operators it ran (the CPU time estimate counts them: partition.py)
+    elements: int = 0  # tensor elements those operators read and wrote
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,25 @@ def _specs(obj):
 class TraceError(RuntimeError):
     """The denoiser's forward failed on the trace's inputs (e.g. example inputs that miss
     an argument this model class needs)."""
+
+
+class _OpCounts(TorchDispatchMode):
+    """How many aten operators each running candidate (and the candidates around it) ran,
+    and how many tensor elements they read and wrote: on a CPU an operator costs time
+    whatever its FLOPs (dispatch, a pass over memory)."""
+
+    def __init__(self, running):
+        super().__init__()
+        self.running, self.ops, self.elements = running, {}, {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.running:
+            n = sum(t.numel() for t in pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor))
+            for path in set(self.running):
+                self.ops[path] = self.ops.get(path, 0) + 1
+                self.elements[path] = self.elements.get(path, 0) + n
+        return out
 
 
 @contextlib.contextmanager
@@ -201,7 +223,7 @@ def trace_denoiser(denoiser, make_inputs):
         fake = contextlib.nullcontext() if meta else FakeTensorMode(allow_non_fake_inputs=True)
         with torch.no_grad(), hooks_bypassed(denoiser), fake, _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = _on_meta(make_inputs()) if meta else make_inputs()
-            with FlopCounterMode(display=False) as counter, prov:
+            with FlopCounterMode(display=False) as counter, prov, _OpCounts(running) as op_counts:
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
                 arguments = _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs)
@@ -219,7 +241,9 @@ def trace_denoiser(denoiser, make_inputs):
     ordered = sorted(calls.items(), key=lambda kv: kv[1][0])
     return Trace(
         calls=tuple(
-            ModuleCall(p, order, reads, outs, flops[p], is_unit) for p, (order, reads, outs, is_unit) in ordered
+            ModuleCall(p, order, reads, outs, flops[p], is_unit, op_counts.ops.get(p, 0),
+                       op_counts.elements.get(p, 0))
+            for p, (order, reads, outs, is_unit) in ordered
         ),
         output_reads=output_reads,
         latent=TensorSpec(tuple(latent.shape), latent.dtype),

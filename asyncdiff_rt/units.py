@@ -12,6 +12,8 @@ class Unit:
     outputs: tuple  # TensorSpec per output tensor
     flops: int
     weight_bytes: int = 0  # its parameters and buffers
+    ops: int = 0  # aten operators one forward runs (partition.py's CPU time estimate)
+    elements: int = 0  # tensor elements those operators read and write
 
     @property
     def nbytes(self):
@@ -64,7 +66,8 @@ def find_units(denoiser, make_inputs):
     """List the units of `denoiser` from one hooked forward on fake tensors (see trace.py)."""
     trace = trace_denoiser(denoiser, make_inputs)
     calls = [c for c in trace.calls if c.is_unit]
-    units = tuple(Unit(c.path, i, c.outputs, c.flops, _bytes(denoiser.get_submodule(c.path)))
+    units = tuple(Unit(c.path, i, c.outputs, c.flops, _bytes(denoiser.get_submodule(c.path)), c.ops,
+                       c.elements)
                   for i, c in enumerate(calls))
 
     return UnitGraph(

@@ -10,8 +10,7 @@ import torch
 import torch.distributed as dist
 
 import asyncdiff_rt
-from asyncdiff_rt.commands.bench_distributed import own_cores
-from asyncdiff_rt.engine.process_group import TORCHRUN_VARIABLES
+from asyncdiff_rt.engine.process_group import TORCHRUN_VARIABLES, own_cores
 from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
 
 from ranks import free_port, rank_env
@@ -158,7 +157,8 @@ def test_transport_choices_name_what_cannot_run():
 
 
 def test_each_local_rank_gets_cores_of_its_own_or_none():
-    assert own_cores([0, 1, 2, 3], local_rank=1, local_world=2, threads=2) == [2, 3]
-    assert own_cores([4, 6], local_rank=1, local_world=2, threads=1) == [6]  # the cores this process may use
-    assert own_cores([0, 1], local_rank=1, local_world=2, threads=2) is None  # they do not go round
-    assert own_cores([0, 1], local_rank=0, local_world=0, threads=1) is None  # no LOCAL_WORLD_SIZE
+    assert own_cores([0, 1, 2, 3], local_rank=1, local_world=2) == [2, 3]
+    assert own_cores([4, 6], local_rank=1, local_world=2) == [6]  # the cores this process may use
+    assert own_cores([0, 1, 2], local_rank=1, local_world=2) == [1]  # equal blocks, the rest unused
+    assert own_cores([0, 1], local_rank=2, local_world=3) is None  # they do not go round
+    assert own_cores([0, 1], local_rank=0, local_world=0) is None  # no LOCAL_WORLD_SIZE

@@ -193,7 +193,7 @@ def test_a_failing_rank_stops_the_others(tmp_path, how, victim, transport):
 
 def test_the_distributed_bench_under_torchrun(tmp_path):
     """`asyncdiff-rt bench --distributed` end to end, at 4 steps: every row equals the
-    reference on every rank, and each CPU rank ran on a core of its own."""
+    reference on every rank, and each CPU rank ran on a core of its own (the runtime pinned it)."""
     done = subprocess.run([installed("torchrun"), "--nproc-per-node", "2", "--master-port", str(free_port()),
                            "--no-python", installed("asyncdiff-rt"),
                            "bench", "--distributed", "--steps", "4", "--prompts", "1", "--transports", "shm",
@@ -204,5 +204,64 @@ def test_the_distributed_bench_under_torchrun(tmp_path):
     rows = [r for r in result["rows"] if r["ranks"] == 2]
     assert [r["row"].split("partition=")[1] for r in rows] == ["auto", "measured"]
     assert all(r["equals_reference"] is True and r["same_images_on_every_rank"] is True for r in rows), rows
-    if len(os.sched_getaffinity(0)) >= 2:
-        assert "each rank on 1 core(s) of its own (rank 0: [" in result["settings"], result["settings"]
+    if len(os.sched_getaffinity(0)) == os.cpu_count() >= 2:  # an affinity set on pytest is left alone
+        assert "core(s) of its own (local rank 0: " in result["settings"], result["settings"]
+
+
+AFFINITY_WORKER = Path(__file__).with_name("affinity_worker.py")
+
+
+def _launch_affinity(out, env=None, *args):
+    """Two ranks of tests/affinity_worker.py as torchrun starts them on one machine
+    (LOCAL_WORLD_SIZE too, no OMP_NUM_THREADS): {rank: record}."""
+    port, procs = free_port(), []
+    for rank in range(2):
+        rank_vars = {k: v for k, v in rank_env(rank, 2, port).items() if k != "OMP_NUM_THREADS"}
+        procs.append(subprocess.Popen([sys.executable, str(AFFINITY_WORKER), str(out), *args],
+                                      env={**rank_vars, "LOCAL_WORLD_SIZE": "2", **(env or {})},
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    return procs
+
+
+def _affinity_records(out, procs):
+    try:
+        logs = [p.communicate(timeout=LAUNCH_S)[0].decode(errors="replace")[-3000:] for p in procs]
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)}
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_getaffinity") or len(os.sched_getaffinity(0)) != os.cpu_count()
+                    or os.cpu_count() < 2, reason="needs 2 cores and an unrestricted affinity")
+def test_cpu_ranks_get_cores_of_their_own_unless_the_user_chose(tmp_path):
+    """Launched as torchrun does (no pinning asked for), every thread of each CPU rank ends
+    on cores of its rank's own, disjoint from the other's, with no more intra-op threads
+    than cores; an affinity the user set, or ASYNCDIFF_RT_PIN=0, is left as it was."""
+    folders = {name: tmp_path / name for name in ("default", "own", "off")}
+    for folder in folders.values():
+        folder.mkdir()
+    launched = {"default": _launch_affinity(folders["default"]),  # the three launches run side by side
+                "own": _launch_affinity(folders["own"], None, "--own-affinity"),
+                "off": _launch_affinity(folders["off"], {"ASYNCDIFF_RT_PIN": "0"})}
+    records = {name: _affinity_records(folders[name], procs) for name, procs in launched.items()}
+    cores, share = sorted(os.sched_getaffinity(0)), os.cpu_count() // 2
+
+    default = records["default"]
+    for rank, record in default.items():
+        mine = cores[rank * share:(rank + 1) * share]
+        assert record["process"] == mine, record
+        assert all(affinity == mine for affinity in record["threads"].values()), record  # gloo's threads too
+        assert len(record["threads"]) > 1, record  # the group's threads were there to pin
+        assert record["intra_op_threads"] <= share, record
+        assert f"core(s) of its own (local rank {rank}: " in record["cpu_affinity"], record
+    assert not set(default[0]["process"]) & set(default[1]["process"])
+
+    for rank, record in records["own"].items():  # the user's choice: the first core, both ranks
+        assert record["process"] == cores[:1] and "left as set" in record["cpu_affinity"], record
+        assert all(affinity == cores[:1] for affinity in record["threads"].values()), record
+    for rank, record in records["off"].items():
+        assert record["process"] == cores and "ASYNCDIFF_RT_PIN=0" in record["cpu_affinity"], record
+        assert record["intra_op_threads"] == record["intra_op_threads_before"], record

@@ -155,3 +155,34 @@ def test_meta_weights_trace_as_through_fake_tensors(monkeypatch):
     assert direct == trace.trace_denoiser(meta, on_cpu)
     monkeypatch.setattr(trace, "_all_meta", lambda denoiser: False)
     assert direct == trace.trace_denoiser(meta, unet_inputs(meta))
+
+
+def test_auto_on_the_cpu_balances_operators_as_well_as_flops():
+    """On the CPU a small model's time goes per operator as much as per FLOP: with the
+    weights there, auto balances FLOPs plus a cost per aten operator and per element they
+    read or write, counted in the trace (so every executor and rank makes the same split).
+    Balancing FLOPs alone gave the shipped tiny UNet's first component 31 units and a
+    forward 1.6x the other's (CPU time per rank, 2026-12-03)."""
+    from asyncdiff_rt.models.tiny_t2i import load_tiny
+    from asyncdiff_rt.partition import CPU_ELEMENT_FLOPS, CPU_OP_FLOPS, estimated_costs
+
+    unet = load_tiny().unet
+    graph = find_units(unet, unet_inputs(unet))
+    assert all(u.ops > 0 and u.elements > 0 for u in graph.units)
+    flops = [u.flops for u in graph.units]
+    assert estimated_costs(graph) == flops and estimated_costs(graph, "cuda") == flops  # GPUs, meta: FLOPs
+    cpu = estimated_costs(graph, "cpu")
+    assert cpu == [u.flops + CPU_OP_FLOPS * u.ops + CPU_ELEMENT_FLOPS * u.elements for u in graph.units]
+
+    auto = resolve_partition(graph, 2, "auto", unet)
+    by_flops = resolve_partition(graph, 2, "auto")  # no denoiser: FLOPs alone, as before
+    assert auto.strategy == "auto" and auto.components != by_flops.components
+    assert auto.owner[graph.output_unit] == 1
+
+    def largest(part):
+        owner = part.owner
+        return max(sum(c for p, c in zip(graph.paths, cpu) if owner[p] == k) for k in range(2)) / (sum(cpu) / 2)
+
+    assert largest(auto) < largest(by_flops)
+    again = find_units(unet, unet_inputs(unet))  # counted, not timed: the same split every time
+    assert resolve_partition(again, 2, "auto", unet).components == auto.components

@@ -65,7 +65,7 @@ def register(subparsers):
                    help="--distributed, --context-parallel on the CPU: intra-op threads per process")
     p.add_argument("--no-pin", action="store_true",
                    help="--distributed, --context-parallel on the CPU: leave each rank's CPU affinity alone "
-                        "(default: its own cores)")
+                        "(ASYNCDIFF_RT_PIN=0; default: the runtime gives each rank cores of its own)")
     p.add_argument("--prompts", type=lambda v: [int(x) for x in v.split(",")], default=[1, 4],
                    help="--distributed: prompts per generation, a comma-separated list (default 1,4)")
     p.add_argument("--transports", type=lambda v: v.split(","), default=None,

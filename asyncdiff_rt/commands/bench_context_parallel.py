@@ -33,7 +33,7 @@ import torch
 
 from ..cli import Refusal
 from .bench import card_slug
-from .bench_distributed import _arguments, _max_over_ranks, _same_on_every_rank, _timed, pin_to_own_cores
+from .bench_distributed import _arguments, _max_over_ranks, _same_on_every_rank, _timed
 
 WORLD = 2
 RUNTIME = "runtime distributed N=2"
@@ -151,14 +151,15 @@ def run(args):
     import torch.distributed as dist
 
     from .. import parallelize
-    from ..engine.process_group import join_group
+    from ..engine.process_group import PIN_VARIABLE, join_group, pinning
 
     size = args.size
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    pinned = "not pinned (GPU ranks)" if cuda else "not pinned (--no-pin)" if args.no_pin else \
-        pin_to_own_cores(args.threads)
+    if args.no_pin:  # the runtime's own pinning off too: every thread on every core
+        os.environ[PIN_VARIABLE] = "0"
     torch.set_num_threads(args.threads)
     join_group(None, WORLD, device.type, timeout_s=TIMEOUT_S)  # NCCL for GPUs (and sets the rank's GPU), gloo
+    pinned = "not pinned (GPU ranks)" if cuda else pinning()  # on the CPU the runtime pins each rank (join_group)
     rank, backend = dist.get_rank(), dist.get_backend()
     why_not_cp = context_parallel_unavailable(gpus, backend, device.type)  # before any work
     steps = args.steps or SIZES[size][2]

@@ -8,8 +8,9 @@ pipeline alone (the others wait), then every rank runs each configuration whose 
 count is the world size (2 ranks: N=2 S=1; 3 ranks: N=3 S=1 and N=2 S=2), with each
 transport of `--transports` (gloo and shared memory on the CPU, NCCL and CUDA IPC on
 GPUs, by default) and partitions auto and measured. On the CPU each process uses one
-intra-op thread (`--threads`) on cores of its own (unless `--no-pin`), so 2 ranks use 2
-cores against the baseline's one, rank 0's. Each row also checks that every rank
+intra-op thread (`--threads`); the runtime gives each rank cores of its own as it would
+any user's ranks (process_group.pin_local_rank; `--no-pin` turns that off, as
+ASYNCDIFF_RT_PIN=0 does), so 2 ranks use 2 cores against the baseline's one, rank 0's. Each row also checks that every rank
 returned the same images and that they equal the reference executor's bit for bit (CPU)
 or to rounding (GPU).
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 
 from ..cli import Refusal
-from ..engine.process_group import join_group
+from ..engine.process_group import PIN_VARIABLE, join_group, pinning
 from .bench import ASYNC, _fmt, card_slug
 
 PROMPT = "a red cube on a blue ball"
@@ -42,12 +43,11 @@ def run(args):
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if cuda else "cpu")
-    if args.no_pin or cuda:
-        pinned = "not pinned (--no-pin)" if args.no_pin else "not pinned (GPU ranks)"
-    else:  # before any thread starts (gloo's, the intra-op pool's): threads inherit it
-        pinned = pin_to_own_cores(args.threads)
+    if args.no_pin:  # the runtime's own pinning off too: every thread on every core
+        os.environ[PIN_VARIABLE] = "0"
     torch.set_num_threads(args.threads)
     join_group(None, int(os.environ["WORLD_SIZE"]), device.type, timeout_s=120)  # NCCL sets the rank's GPU
+    pinned = "not pinned (GPU ranks)" if cuda else pinning()  # on the CPU the runtime pins each rank (join_group)
     rank, world = dist.get_rank(), dist.get_world_size()
     steps, repeats = args.steps or 50, args.repeats or 3
     transports = args.transports or (["nccl", "ipc"] if cuda else ["gloo", "shm"])
@@ -97,28 +97,6 @@ def run(args):
             _write(Path(args.out), card, settings, rows, text)
     dist.destroy_process_group()
     return 0
-
-
-def pin_to_own_cores(threads):
-    """Put this rank (and the gloo threads it starts next) on `threads` cores of its own,
-    as its local rank orders them; what was done, for the table. Unpinned, on a 2-core
-    VM, a message's receipt waited 1-3 ms for a core and a step took 19-21 ms instead of
-    about 17 (profiling/results/README.md)."""
-    local_rank, local_world = int(os.environ.get("LOCAL_RANK", 0)), os.environ.get("LOCAL_WORLD_SIZE")
-    available = sorted(os.sched_getaffinity(0))
-    cores = own_cores(available, local_rank, int(local_world or 0), threads)
-    if cores is None:
-        return (f"not pinned ({local_world or 'unknown'} local ranks x {threads} threads, "
-                f"{len(available)} cores available)")
-    os.sched_setaffinity(0, cores)
-    return f"each rank on {threads} core(s) of its own (rank {os.environ.get('RANK', 0)}: {cores})"
-
-
-def own_cores(available, local_rank, local_world, threads):
-    """Local rank r's `threads` cores out of `available`, or None when they do not go round."""
-    if local_world < 1 or local_world * threads > len(available):
-        return None
-    return available[local_rank * threads:(local_rank + 1) * threads]
 
 
 def _timed(generate, repeats, device, cuda, before=None):

@@ -34,7 +34,7 @@ from .graphs import GraphCache
 from .local import _moved, _on
 from .mailbox import Mailbox, Route
 from .peers import PeerFailure, Peers
-from .process_group import rank_device
+from .process_group import pinning, rank_device
 from .replica import Replica, call_layout, replicate, weight_bytes
 from .stages import EAGER
 from .stats import ExecutorStats
@@ -112,7 +112,8 @@ class DistributedExecutor(StepLoop):
     def describe(self):
         """What handle.stats() adds for this executor."""
         return {"rank": self.rank, "world": self.peers.size, **self.transport.describe(), "device": str(self.device),
-                "weight_bytes_this_rank": weight_bytes(self.replica.module)}
+                "weight_bytes_this_rank": weight_bytes(self.replica.module),
+                "cpu_affinity": pinning() or "not pinned (GPU ranks, or a group joined outside parallelize)"}
 
     def _check_same_plan(self, transport):
         """Every rank must run the same program on the same split: compare at setup."""
