@@ -22,6 +22,8 @@ def main():
     from asyncdiff_rt import parallelize
     from asyncdiff_rt.models.tiny_t2i import load_tiny
 
+    # torch's default in a fresh process without OMP_NUM_THREADS (a forked rank inherits the suite's 1)
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
     threads_before = torch.get_num_threads()
     handle = parallelize(load_tiny(), n_components=2, executor="distributed")
     threads = {int(t): sorted(os.sched_getaffinity(int(t))) for t in os.listdir("/proc/self/task")}

@@ -124,13 +124,16 @@ class _Spawned:
         return self._proc.wait(timeout)
 
 
-def run_ranks(script, args, world, folder, timeout, hung=None):
-    """Run `world` ranks of `python script *args` (torchrun's variables, a fresh port),
-    logging to folder/log<rank>.txt; [(return code, log tail)] per rank, or a test
-    failure naming the rank that did not exit within `timeout` s. Rank `hung` is killed
-    once the others have exited. No rank outlives the call."""
+def run_ranks(script, args, world, folder, timeout, hung=None, env=None):
+    """Run `world` ranks of `python script *args` (torchrun's variables, a fresh port,
+    then `env`, where None removes a variable), logging to folder/log<rank>.txt;
+    [(return code, log tail)] per rank, or a test failure naming the rank that did not
+    exit within `timeout` s. Rank `hung` is killed once the others have exited. No rank
+    outlives the call."""
     port, start = free_port(), time.monotonic()
-    procs = [start_rank(script, args, rank_env(r, world, port), Path(folder) / f"log{r}.txt") for r in range(world)]
+    envs = [{k: v for k, v in {**rank_env(r, world, port), **(env or {})}.items() if v is not None}
+            for r in range(world)]
+    procs = [start_rank(script, args, envs[r], Path(folder) / f"log{r}.txt") for r in range(world)]
     done = {}
     try:
         for rank in [r for r in range(world) if r != hung] + ([hung] if hung is not None else []):

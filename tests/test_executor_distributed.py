@@ -211,26 +211,13 @@ def test_the_distributed_bench_under_torchrun(tmp_path):
 AFFINITY_WORKER = Path(__file__).with_name("affinity_worker.py")
 
 
-def _launch_affinity(out, env=None, *args):
+def _affinity_records(out, env=None, *args):
     """Two ranks of tests/affinity_worker.py as torchrun starts them on one machine
     (LOCAL_WORLD_SIZE too, no OMP_NUM_THREADS): {rank: record}."""
-    port, procs = free_port(), []
-    for rank in range(2):
-        rank_vars = {k: v for k, v in rank_env(rank, 2, port).items() if k != "OMP_NUM_THREADS"}
-        procs.append(subprocess.Popen([sys.executable, str(AFFINITY_WORKER), str(out), *args],
-                                      env={**rank_vars, "LOCAL_WORLD_SIZE": "2", **(env or {})},
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _affinity_records(out, procs):
-    try:
-        logs = [p.communicate(timeout=LAUNCH_S)[0].decode(errors="replace")[-3000:] for p in procs]
-    finally:
-        for proc in procs:
-            proc.kill()
-            proc.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    out.mkdir()
+    done = run_ranks(AFFINITY_WORKER, [out, *args], 2, out, LAUNCH_S,
+                     env={"LOCAL_WORLD_SIZE": "2", "OMP_NUM_THREADS": None, **(env or {})})
+    assert all(code == 0 for code, _ in done), "\n".join(log for _, log in done)
     return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in range(2)}
 
 
@@ -240,13 +227,9 @@ def test_cpu_ranks_get_cores_of_their_own_unless_the_user_chose(tmp_path):
     """Launched as torchrun does (no pinning asked for), every thread of each CPU rank ends
     on cores of its rank's own, disjoint from the other's, with no more intra-op threads
     than cores; an affinity the user set, or ASYNCDIFF_RT_PIN=0, is left as it was."""
-    folders = {name: tmp_path / name for name in ("default", "own", "off")}
-    for folder in folders.values():
-        folder.mkdir()
-    launched = {"default": _launch_affinity(folders["default"]),  # the three launches run side by side
-                "own": _launch_affinity(folders["own"], None, "--own-affinity"),
-                "off": _launch_affinity(folders["off"], {"ASYNCDIFF_RT_PIN": "0"})}
-    records = {name: _affinity_records(folders[name], procs) for name, procs in launched.items()}
+    records = {"default": _affinity_records(tmp_path / "default"),
+               "own": _affinity_records(tmp_path / "own", None, "--own-affinity"),
+               "off": _affinity_records(tmp_path / "off", {"ASYNCDIFF_RT_PIN": "0"})}
     cores, share = sorted(os.sched_getaffinity(0)), os.cpu_count() // 2
 
     default = records["default"]
