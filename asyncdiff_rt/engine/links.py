@@ -117,6 +117,7 @@ class SharedMemoryLinks:
 
 
 _MAPPED = {}  # id -> (_Memory, whether this process made it): shared memory still mapped here
+os.register_at_fork(after_in_child=_MAPPED.clear)  # a forked child neither closes nor unlinks its parent's
 
 
 def _opened(memory, own):

@@ -17,6 +17,9 @@ log = logging.getLogger(__name__)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 PIN_VARIABLE = "ASYNCDIFF_RT_PIN"  # "0" (or off, false, no): leave every rank's CPU affinity alone
 _PINNING = {"done": None}  # what pin_local_rank did in this process (it decides once)
+# A forked child is another process: it decides again (its parent's decision, made for
+# another rank or before torchrun's variables were set, is not its own).
+os.register_at_fork(after_in_child=lambda: _PINNING.update(done=None))
 
 
 def rank_device(devices, denoiser, rank):
