@@ -38,11 +38,14 @@ from dataclasses import dataclass
 import torch
 
 from .engine.call import DenoiserCall, as_model_timestep
-from .fingerprint import fingerprint, first_change
+from .fingerprint import Watch
 from .profiling.nvtx import RANGES
-from .stacking import check_steps, stack_signature
+from .stacking import cache_hooks, check_steps, stack_signature
 
 log = logging.getLogger(__name__)
+
+
+_STEP_STATE = frozenset(("_k", "_role", "_owner"))
 
 
 @dataclass
@@ -66,7 +69,8 @@ class AsyncDenoiser(torch.nn.Module):
         self.executor = executor
         self._scheduler_source = scheduler_source
         self._rebuild = rebuild
-        self._fingerprint = fingerprint(denoiser)
+        self._watch = Watch(denoiser)  # its fingerprint, and a quick test that it holds
+        self._cache_hooks = None  # cache_hooks(denoiser) while the fingerprint holds (None: not known)
         self._lock = threading.RLock()
         self._owner = None  # the thread whose generation is running
         self._timesteps_seen = self._steps = self._checked_list = None
@@ -77,6 +81,12 @@ class AsyncDenoiser(torch.nn.Module):
         self._generation_range = None  # the NVTX range of the running generation
         self.timeline = None  # profiling: what new executors record into
         self.step_cache = None  # a StepCache (step_cache.py): its skips are part of each program
+
+    def __setattr__(self, name, value):
+        if name in _STEP_STATE:  # set at every step: plain attributes, not nn.Module's (microseconds each)
+            object.__setattr__(self, name, value)
+        else:
+            super().__setattr__(name, value)
 
     def __getattr__(self, name):
         # Pipelines read the denoiser's config, dtype, device, add_embedding, ...
@@ -193,7 +203,7 @@ class AsyncDenoiser(torch.nn.Module):
     def _locate(self, scheduler, call):
         """The step this call belongs to (the current one: another role; the next one), or
         None when it cannot continue this generation."""
-        index = _index_in(call.timestep, self._timesteps_seen)
+        index = _index_of(call, self._timesteps_seen)
         if index is not None:  # the element the pipeline's loop passed: its position is the step
             k = index - self._begin_at
         elif (counted := _counted_step(scheduler, self._begin_at)) is not None:
@@ -260,7 +270,7 @@ class AsyncDenoiser(torch.nn.Module):
         a new list starts a new generation unless the call is at the running one's current
         or next step and not at the new list's start."""
         timesteps, ours = scheduler.timesteps, self._timesteps_seen
-        if _index_in(call.timestep, ours) is None:
+        if _index_of(call, ours) is None:
             if timesteps is ours:
                 return True
             if _index_in(call.timestep, timesteps) is not None or not self._may_continue(scheduler, call):
@@ -316,8 +326,10 @@ class AsyncDenoiser(torch.nn.Module):
                     "was parallelized on; call it with that scheduler's own timesteps (a pipeline made from it "
                     "with from_pipe or **pipe.components and its own scheduler must not share its UNet: give "
                     "it handle.original)")
+        if self._cache_hooks is None:  # the step caches installed: they change only with the fingerprint
+            self._cache_hooks = cache_hooks(self.denoiser)
         try:
-            check_steps(self.denoiser, self.plan.warmup, len(values) - start)
+            check_steps(self.denoiser, self.plan.warmup, len(values) - start, self._cache_hooks)
         except ValueError:
             self.reset()
             raise
@@ -337,11 +349,10 @@ class AsyncDenoiser(torch.nn.Module):
         again if the denoiser changed since, or if the call passes tensor arguments the
         plan has not seen (e.g. ControlNet residuals the example inputs lacked: planned
         from the call, each device is sent only the arguments its units read)."""
-        now = fingerprint(self.denoiser)
         old, source = self.executor, call
         if old is not None:
-            if now != self._fingerprint:
-                what = first_change(self._fingerprint, now)
+            what = self._watch.changed()
+            if what is not None:
                 if self._rebuild is None:
                     raise RuntimeError(f"the denoiser changed after its executor was built ({what}); build a new one")
                 log.info("the denoiser changed after parallelize (%s): planning it again", what)
@@ -359,7 +370,19 @@ class AsyncDenoiser(torch.nn.Module):
         self._planned_from_call = source is not None
         if old is not None:
             self.executor.stats.absorb(old.stats)
-        self._fingerprint = fingerprint(self.denoiser)
+        self._watch.record()
+        self._cache_hooks = None
+
+
+def _index_of(call, timesteps):
+    """`_index_in(call.timestep, timesteps)`, kept on the call for the last list asked
+    (a step asks twice)."""
+    cached = call.__dict__.get("_index_in")
+    if cached is not None and cached[0] is timesteps:
+        return cached[1]
+    index = _index_in(call.timestep, timesteps)
+    call._index_in = (timesteps, index)
+    return index
 
 
 def _index_in(timestep, timesteps):

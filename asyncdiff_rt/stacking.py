@@ -132,10 +132,11 @@ def check_executor(denoiser, executor, at):
                 "executor='reference' and warmup >= steps (then the result is the cached plain pipeline's)")
 
 
-def check_steps(denoiser, warmup, steps):
-    """Refuse step caches in a generation with asynchronous steps (W < K)."""
+def check_steps(denoiser, warmup, steps, hooks=None):
+    """Refuse step caches in a generation with asynchronous steps (W < K); `hooks`:
+    `cache_hooks(denoiser)` when the caller knows it (it walks the module tree)."""
     at = where(denoiser)
-    for entry in cache_hooks(denoiser):
+    for entry in cache_hooks(denoiser) if hooks is None else hooks:
         if entry.keeps is None:
             raise ValueError(_unknown(entry, at))
         if warmup < steps:

@@ -18,7 +18,8 @@ Rows: the plain loop (no runtime), the reference executor, the local executor
 (`cpu*N`, graphs on: the graph path as far as the CPU goes) at N = 1, 2, 4; under
 torchrun, the distributed executor per transport at N = world size. Per generation
 set-up is timed apart: the denoiser fingerprint (tiny layouts have the full models'
-modules and parameters, which is what it walks), program building and `start`.
+modules and parameters, which is what it walks) and the change check each generation
+makes instead (fingerprint.Watch), program building and `start`.
 `--profile DIR`: one generation per row under cProfile, top entries by own time.
 """
 from __future__ import annotations
@@ -183,8 +184,9 @@ def runtime(bench, executor_name, n, **options):
 
 def setup_costs(bench, repeats=20):
     """Per generation set-up, CPU us of this thread: fingerprints of the tiny SD 1.5 and SDXL layouts (their
-    full models' module trees), program of bench.steps steps, local executor's `start`."""
-    from asyncdiff_rt.fingerprint import fingerprint
+    full models' module trees) and the check every generation makes (the quick test that the recorded one
+    still holds, nothing changed), program of bench.steps steps, local executor's `start`."""
+    from asyncdiff_rt.fingerprint import Watch, fingerprint
     from asyncdiff_rt.models.configs import build_unet
 
     def median_us(fn):
@@ -196,8 +198,11 @@ def setup_costs(bench, repeats=20):
             times.append(time.thread_time() - t0)
         return 1e6 * statistics.median(times)
 
+    sdxl = build_unet("tiny-sdxl")
     out = {"fingerprint sd15 layout": median_us(lambda: fingerprint(bench.unet)),
-           "fingerprint sdxl layout": median_us(functools.partial(fingerprint, build_unet("tiny-sdxl")))}
+           "fingerprint sdxl layout": median_us(functools.partial(fingerprint, sdxl)),
+           "change check sd15 layout (per generation)": median_us(Watch(bench.unet).changed),
+           "change check sdxl layout (per generation)": median_us(Watch(sdxl).changed)}
     for n in (2, 4):
         with runtime(bench, "local", n, devices=f"cpu*{n}") as (_, plan, executor):
             program = plan.program(bench.steps)

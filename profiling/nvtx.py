@@ -11,7 +11,7 @@ once and kept for the life of the process: a name made during CUDA-graph capture
 collected crashes Nsight.
 """
 import os
-from contextlib import contextmanager
+from contextlib import nullcontext
 
 ENV = "ASYNCDIFF_RT_NVTX"
 
@@ -88,17 +88,10 @@ class Ranges:
     def active(self):
         return self.enabled and self.backend is not None
 
-    @contextmanager
     def range(self, name):
-        """A nested range around the block (push/pop on this thread)."""
-        if not self.active:
-            yield
-            return
-        self.backend.push(name)
-        try:
-            yield
-        finally:
-            self.backend.pop()
+        """A nested range around the block (push/pop on this thread). A plain context
+        manager, not a generator: executors open several per step."""
+        return _Range(self.backend, name) if self.active else _NO_RANGE
 
     def start(self, name):
         """A range that may end on another call (a generation): a handle for `end`."""
@@ -108,5 +101,21 @@ class Ranges:
         if handle is not None and self.backend is not None:
             self.backend.end(handle)
 
+
+class _Range:
+    __slots__ = ("backend", "name")
+
+    def __init__(self, backend, name):
+        self.backend, self.name = backend, name
+
+    def __enter__(self):
+        self.backend.push(self.name)
+
+    def __exit__(self, *exc):
+        self.backend.pop()
+        return False
+
+
+_NO_RANGE = nullcontext()
 
 RANGES = Ranges()

@@ -1,7 +1,10 @@
 """The call's arguments reach every device at every step, whatever the caller does with
 its tensors: new tensors at recycled addresses, writes the version counter does not see,
 ControlNet residuals that change every step, a batch that changes within a generation."""
+import inspect
+import re
 import warnings
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -154,3 +157,85 @@ def test_a_batch_change_within_a_generation_restarts_the_warmup():
     assert torch.equal(results["reference", 6], sequential)  # W = K: every step a whole forward
     assert torch.equal(results["local", 2], results["reference", 2])
     assert steps == {"warmup": 4, "async": 2}  # 2 warm-up steps at each batch size
+
+
+# --- binding by the parameter-name table (engine/call.py) ----------------------------
+
+def _forward(self, sample, timestep, encoder_hidden_states=None, class_labels=None, return_dict=True):
+    pass
+
+
+def _forward_varargs(self, sample, timestep, *args, scale=1.0, **kwargs):
+    pass
+
+
+@pytest.mark.parametrize("function", [_forward, _forward_varargs], ids=["plain", "varargs"])
+@pytest.mark.parametrize("args, kwargs", [
+    ((1, 2), {}), ((1, 2, 3), {}), ((1,), {"timestep": 2}), ((), {"sample": 1, "timestep": 2, "return_dict": False}),
+    ((1, 2), {"return_dict": False, "encoder_hidden_states": 3}), ((1, 2, 3, 4, 5), {}), ((1, 2, 3, 4, 5, 6), {}),
+    ((1, 2), {"unknown": 3}), ((1, 2), {"sample": 3}), ((1,), {}), ((), {"timestep": 2}),
+    ((1, 2), {"class_labels": 4}), ((1, 2, None), {"class_labels": 4, "scale": 2.0})])
+def test_binding_is_the_signatures(function, args, kwargs):
+    """The same BoundArguments (order included), args and kwargs, and the same errors, as
+    inspect.Signature.bind."""
+    from asyncdiff_rt.engine.call import _binder
+
+    class Model:
+        forward = function
+
+    model = Model()
+    signature = inspect.signature(model.forward)
+    try:
+        want = signature.bind(*args, **kwargs)
+    except TypeError as e:
+        with pytest.raises(TypeError, match=re.escape(str(e))):
+            _binder(model).bind(args, kwargs)
+        return
+    binder = _binder(model)
+    got = binder.bind(args, kwargs)
+    assert list(got.arguments.items()) == list(want.arguments.items()) and got.signature == signature
+    assert binder.split(got.arguments) == (want.args, want.kwargs)
+    arguments = dict(want.arguments)
+    arguments.pop("encoder_hidden_states", None)  # a gap: what follows goes by name
+    assert binder.split(arguments) == (inspect.BoundArguments(signature, arguments).args,
+                                       inspect.BoundArguments(signature, arguments).kwargs)
+
+
+ARGUMENT_TREES = [
+    {}, {"a": torch.zeros(1), "b": None, "c": True, "d": 2, "e": 1.5, "f": "x"},
+    {"a": torch.zeros(1), "b": {"text_embeds": torch.ones(2)}}, {"a": torch.zeros(1), "b": {"time_ids": torch.ones(2)}},
+    {"a": [torch.zeros(1), None]}, {"a": (torch.zeros(1), None)}, {"a": [torch.zeros(1)]},
+    {"a": torch.nn.Parameter(torch.zeros(1))}, {"b": torch.zeros(1)},
+    {"a": torch.zeros(1), "b": OrderedDict(x=torch.ones(1))}, {"a": torch.zeros(1), "b": {"x": torch.ones(1)}}]
+
+
+@pytest.mark.parametrize("arguments", ARGUMENT_TREES)
+def test_flattening_is_pytrees(arguments):
+    import torch.utils._pytree as pytree
+
+    from asyncdiff_rt.engine.call import flatten_arguments
+
+    leaves, spec, structure = flatten_arguments(arguments)
+    want_leaves, want_spec = pytree.tree_flatten(arguments)
+    assert spec == want_spec and len(leaves) == len(want_leaves)
+    assert all(a is b for a, b in zip(leaves, want_leaves))
+    hash(structure)
+    for other in ARGUMENT_TREES:  # equal structures exactly where the specs are equal
+        assert (flatten_arguments(other)[2] == structure) == (pytree.tree_flatten(other)[1] == spec)
+
+
+@pytest.mark.parametrize("arguments", ARGUMENT_TREES)
+def test_labels_are_the_leaves_labels(arguments):
+    from asyncdiff_rt.arguments import labelled_leaves
+    from asyncdiff_rt.engine.call import DenoiserCall
+
+    class Model:
+        def forward(self, sample, timestep, **kwargs):
+            pass
+
+    for _ in range(2):  # made, then from the table
+        call = DenoiserCall(Model(), (torch.zeros(1), torch.zeros(())), arguments)
+        want = labelled_leaves(call.others())
+        got = call.labelled_others()
+        assert [label for label, _ in got] == [label for label, _ in want]
+        assert all(a is b for (_, a), (_, b) in zip(got, want))

@@ -29,7 +29,7 @@ from ..profiling.nvtx import RANGES
 from ..schedule import Send
 from . import wire
 from .agreement import GenerationMismatch, differences, generation_digest
-from .call import timestep_table
+from .call import timestep_table, tree_leaves
 from .graphs import GraphCache
 from .local import _moved, _on
 from .mailbox import Mailbox, Route
@@ -306,7 +306,7 @@ class DistributedExecutor(StepLoop):
                 how = "replay" if self.graphs.captured(key) else "eager"
                 if how == "eager":  # a capture may follow, and it synchronizes: nothing may wait on a peer then
                     self._settle(f"step {self._k}'s messages before a graph capture")
-                inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
+                inputs = [latent, *replica.static_inputs(), *tree_leaves(cache)]
                 with RANGES.range(f"step {self._k}/rank {self.rank}/forward ({how})"):
                     out, record = self.graphs.run(key, "rank", stream, lambda: replica.forward(latent, cache, compute),
                                                   inputs)

@@ -25,7 +25,7 @@ import torch.utils._pytree as pytree
 from ..profiling.nvtx import RANGES
 from ..schedule import Send
 from .buffers import SLOTS, DeviceBuffers, buffer_plan
-from .call import timestep_table
+from .call import timestep_table, tree_leaves
 from .devices import count_devices, open_devices
 from .graphs import GraphCache
 from .replica import Replica, call_layout, replicate, weight_bytes
@@ -234,7 +234,7 @@ class LocalExecutor(StepLoop):
                 dst_slot = self._rounds[ins.dst] % SLOTS
                 self._done[ins.dst][dst_slot].wait(stream)  # its forward that last read this slot
                 buffer = self._buffers[ins.dst].received[ins.unit][dst_slot]
-                leaves = [(d, v) for d, v in zip(pytree.tree_leaves(buffer), pytree.tree_leaves(value))
+                leaves = [(d, v) for d, v in zip(tree_leaves(buffer), tree_leaves(value))
                           if isinstance(v, torch.Tensor)]  # outputs may hold None (SD3's last block)
                 pairs += leaves
                 received.setdefault(ins.dst, []).append(sum(src.nbytes for _, src in leaves))
@@ -387,7 +387,7 @@ class LocalExecutor(StepLoop):
                 out, record = forward()
         else:
             key = (lane, phase, slot, self._layout, self._generation_layout)
-            inputs = [latent, *replica.static_inputs(), *pytree.tree_leaves(cache)]
+            inputs = [latent, *replica.static_inputs(), *tree_leaves(cache)]
             how = "replay" if self.graphs.captured(key) else "eager"
             with RANGES.range(f"step {self._k}/dev {lane}/forward ({how})"):
                 out, record = self.graphs.run(key, (lane, slot), stream, forward, inputs)
@@ -474,9 +474,10 @@ class LocalExecutor(StepLoop):
 
     def _copy(self, pairs, stream):
         self._delay(stream)
-        fast = [(d, s) for d, s in pairs if d.is_contiguous() and s.is_contiguous()]
+        fast, rest = [], []
+        for pair in pairs:
+            (fast if pair[0].is_contiguous() and pair[1].is_contiguous() else rest).append(pair)
         self.engine.copy(fast, stream)
-        rest = [(d, s) for d, s in pairs if not (d.is_contiguous() and s.is_contiguous())]
         with _on(stream):
             for dst, src in rest:
                 dst.copy_(src, non_blocking=True)

@@ -10,13 +10,11 @@ allocators reuse addresses) into static tensors owned per input layout, so a cap
 graph reads them at fixed addresses.
 """
 import copy
-import inspect
 from itertools import chain
 
 import torch
 import torch.utils._pytree as pytree
 
-from ..arguments import labelled_leaves
 from .stages import EAGER, apply_stages
 from .substitution import UnitSwitch
 
@@ -55,19 +53,14 @@ def weight_bytes(module):
     return total
 
 
-def call_parts(call):
-    """(signature, latent name, timestep name, arguments) of a DenoiserCall."""
-    return call.signature, call.latent_name, call.timestep_name, call.arguments
-
-
 def call_layout(call):
     """A hashable description of everything but the latent's values and the timestep's
     value (shapes, dtypes, devices, non-tensor arguments); None if it cannot key a graph."""
-    leaves, spec = pytree.tree_flatten(call.others())
+    leaves, _, structure = call.flat_others()
     timestep = call.timestep
     if not isinstance(timestep, torch.Tensor):
         return None
-    described = [_spec(call.latent), _spec(timestep), spec]
+    described = [_spec(call.latent), _spec(timestep), structure]
     for leaf in leaves:
         described.append(_spec(leaf) if isinstance(leaf, torch.Tensor) else leaf)
     layout = tuple(described)
@@ -76,6 +69,11 @@ def call_layout(call):
     except TypeError:
         return None
     return layout
+
+
+def _flat_spec(others):
+    """The TreeSpec of `others` with every value a leaf (pytree.tree_flatten's)."""
+    return pytree.tree_flatten(dict.fromkeys(others))[1]
 
 
 def _spec(t):
@@ -87,11 +85,20 @@ class _StaticInputs:
     captured for that layout read, alive exactly as long as those graphs. Arguments the
     device is not sent stay zeros (only glue whose result no unit of it reads sees them)."""
 
-    def __init__(self, others, timestep, device):
-        leaves, self.spec = pytree.tree_flatten(others)
-        self.labels = [label for label, _ in labelled_leaves(others)]
+    def __init__(self, call, device):
+        leaves, self.spec, _ = call.flat_others()
+        self.labels = [label for label, _ in call.labelled_others()]
         self.leaves = [torch.zeros_like(v, device=device) if isinstance(v, torch.Tensor) else v for v in leaves]
+        timestep = call.timestep
         self.timestep = torch.empty_like(timestep, device=device) if isinstance(timestep, torch.Tensor) else None
+        # The arguments as the forward takes them: built once where they are a flat dict of
+        # leaves (each forward copies the dict); nested ones are built at every forward, so
+        # that a forward that changes a container in place cannot reach the next.
+        flat = self.spec == _flat_spec(call.others())
+        self.others = dict(zip(call.others(), self.leaves)) if flat else None
+
+    def arguments(self):
+        return self.others if self.others is not None else pytree.tree_unflatten(self.leaves, self.spec)
 
     def tensors(self):
         return [t for t in self.leaves if isinstance(t, torch.Tensor)] + (
@@ -126,16 +133,15 @@ class Replica:
         timesteps on this device) into the static inputs of `layout` (None: fresh ones, no
         graph reads them). Returns the bytes it copied from the caller's tensors: the
         caller must then order its stream after these copies."""
-        signature, latent_name, timestep_name, arguments = call_parts(call)
-        others = call.others()
+        latent_name, timestep_name, arguments = call.latent_name, call.timestep_name, call.arguments
         static = self._statics.get(layout) if layout is not None else None
         if static is None:
-            static = _StaticInputs(others, call.timestep, self.device)
+            static = _StaticInputs(call, self.device)
             if layout is not None:
                 self._statics[layout] = static
         copied = 0
         skipped = () if everything else self.skipped
-        for target, leaf, label in zip(static.leaves, pytree.tree_leaves(others), static.labels):
+        for target, leaf, label in zip(static.leaves, call.flat_others()[0], static.labels):
             if isinstance(leaf, torch.Tensor) and label not in skipped:
                 target.copy_(leaf, non_blocking=True)
                 copied += leaf.nbytes
@@ -145,9 +151,9 @@ class Replica:
         else:
             timestep = type(call.timestep)(table[tau])
         bound = dict(arguments)
-        bound.update(pytree.tree_unflatten(static.leaves, static.spec))
+        bound.update(static.arguments())
         bound[timestep_name] = timestep
-        self._bound = (signature, latent_name, bound)
+        self._bound = (call.binder, latent_name, bound)
         self._loaded = static
         return copied
 
@@ -160,11 +166,11 @@ class Replica:
         outside `compute` (default: this replica's) returning `cache[unit]`, or
         `delegate(path, args, kwargs)` when given. `record`: the dict the computed units'
         outputs go into, each as soon as it is made (default: a new one)."""
-        signature, latent_name, bound = self._bound
+        binder, latent_name, bound = self._bound
         arguments = dict(bound)
         arguments[latent_name] = latent
-        call = inspect.BoundArguments(signature, arguments)
+        args, kwargs = binder.split(arguments)
         record = {} if record is None else record
         with self.switch.forward_with(self.compute if compute is None else compute, cache, record, delegate):
-            out = self.module(*call.args, **call.kwargs)
+            out = self.module(*args, **kwargs)
         return out, record

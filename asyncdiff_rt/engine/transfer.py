@@ -33,9 +33,11 @@ Pair = tuple[torch.Tensor, torch.Tensor]  # (dst, src)
 def _check_pairs(pairs: Iterable[Pair]) -> list[Pair]:
     out = []
     for i, pair in enumerate(pairs):
-        if len(pair) != 2 or not all(isinstance(t, torch.Tensor) for t in pair):
+        if len(pair) != 2:
             raise TypeError(f"pair {i}: expected (dst, src) tensors, got {type(pair).__name__}")
         dst, src = pair
+        if not (isinstance(dst, torch.Tensor) and isinstance(src, torch.Tensor)):
+            raise TypeError(f"pair {i}: expected (dst, src) tensors, got {type(pair).__name__}")
         if dst.dtype != src.dtype or dst.shape != src.shape:
             raise ValueError(f"pair {i}: dst {tuple(dst.shape)} {dst.dtype} does not match "
                              f"src {tuple(src.shape)} {src.dtype}")
