@@ -63,7 +63,9 @@ def _describe(value, ref, depth):
         bound = None if owner is None or isinstance(owner, types.ModuleType) else _describe(owner, ref, depth - 1)
         return ("builtin", value.__qualname__, bound)
     if isinstance(value, types.MethodType):
-        return ("method", value.__func__.__qualname__, _describe(value.__self__, ref, depth - 1))
+        return ("method", _describe(value.__func__, ref, depth - 1), _describe(value.__self__, ref, depth - 1))
+    if isinstance(value, (types.MethodWrapperType, types.WrapperDescriptorType)):  # e.g. a function's __call__
+        return ("wrapper", value.__name__, _describe(getattr(value, "__self__", None), ref, depth - 1))
     if isinstance(value, functools.partial):
         return ("partial", *(_describe(v, ref, depth - 1) for v in (value.func, value.args, value.keywords)))
     if depth <= 0:
