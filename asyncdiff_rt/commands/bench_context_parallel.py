@@ -24,7 +24,6 @@ flux`: FLUX.1-dev's shapes (19 + 38 blocks, width 3072, 12B parameters, 24 GB pe
 with random fp16 weights at 1024x1024, GPUs only.
 """
 import gc
-import json
 import os
 import platform
 from pathlib import Path
@@ -32,8 +31,7 @@ from pathlib import Path
 import torch
 
 from ..cli import Refusal
-from .bench import card_slug
-from .bench_distributed import _arguments, _max_over_ranks, _same_on_every_rank, _timed
+from .bench_distributed import _arguments, _max_over_ranks, _same_on_every_rank, _timed, write_tables
 
 WORLD = 2
 RUNTIME = "runtime distributed N=2"
@@ -182,7 +180,7 @@ def run(args):
         text = table(rows, card, settings)
         print(text)
         if args.out:
-            write(Path(args.out), card, settings, rows, text)
+            write_tables(Path(args.out), "bench_context_parallel", card, settings, rows, text)
     failed = [r for r in rows if "error" in r]
     return 1 if failed else 0
 
@@ -273,11 +271,3 @@ def table(rows, card, settings):
         lines.append(f"| {r['row']} | {r['ranks']} | {r['latency_ms']:.1f} | {speed} "
                      f"| {'-' if diff is None else format(diff, '.2e')} | {r.get('same_on_every_rank', '-')} |")
     return "\n".join(lines) + "\n"
-
-
-def write(out, card, settings, rows, text):
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "cpu" if card.startswith("cpu") else card_slug(card)
-    (out / f"bench_context_parallel_{slug}.md").write_text(text)
-    (out / f"bench_context_parallel_{slug}.json").write_text(
-        json.dumps({"device": card, "settings": settings, "rows": rows}, indent=1))

@@ -94,7 +94,7 @@ def run(args):
         text = table(rows, card, settings)
         print(text)
         if args.out:
-            _write(Path(args.out), card, settings, rows, text)
+            write_tables(Path(args.out), "bench_distributed", card, settings, rows, text)
     dist.destroy_process_group()
     return 0
 
@@ -181,9 +181,9 @@ def table(rows, card, settings):
     return "\n".join(lines) + "\n"
 
 
-def _write(out, card, settings, rows, text):
+def write_tables(out, name, card, settings, rows, text):
+    """out/<name>_<card>.md (`text`) and .json (the rows and settings)."""
     out.mkdir(parents=True, exist_ok=True)
     slug = "cpu" if card.startswith("cpu") else card_slug(card)
-    (out / f"bench_distributed_{slug}.md").write_text(text)
-    (out / f"bench_distributed_{slug}.json").write_text(
-        json.dumps({"device": card, "settings": settings, "rows": rows}, indent=1))
+    (out / f"{name}_{slug}.md").write_text(text)
+    (out / f"{name}_{slug}.json").write_text(json.dumps({"device": card, "settings": settings, "rows": rows}, indent=1))
