@@ -223,7 +223,10 @@ def trace_denoiser(denoiser, make_inputs):
         fake = contextlib.nullcontext() if meta else FakeTensorMode(allow_non_fake_inputs=True)
         with torch.no_grad(), hooks_bypassed(denoiser), fake, _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = _on_meta(make_inputs()) if meta else make_inputs()
-            with FlopCounterMode(display=False) as counter, prov, _OpCounts(running) as op_counts:
+            # operators and elements are counted for real weights only: "auto" reads them on a
+            # CPU (partition.estimated_costs), and counting is half of a meta trace's time
+            op_counts = _OpCounts(running)
+            with FlopCounterMode(display=False) as counter, prov, contextlib.nullcontext() if meta else op_counts:
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
                 arguments = _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs)
