@@ -216,17 +216,16 @@ def trace_denoiser(denoiser, make_inputs):
                 handles.append(part.register_forward_pre_hook(part_hook(path, name)))
     try:
         # The user's step-cache hooks are bypassed: fake tensors must never reach their state.
-        # Meta weights (`asyncdiff-rt plan` of a named model) compute nothing already, and
-        # dispatch 2-5x faster without fake tensors (the same plans on every full-size model
-        # the tests plan, 2026-12-03); real weights are wrapped as fake tensors.
+        # Meta weights (a named model's plan) compute nothing already and dispatch 2-5x faster
+        # without fake tensors; their operators are not counted either (only "auto" on a CPU
+        # reads the counts: partition.estimated_costs).
         meta = _all_meta(denoiser)
         fake = contextlib.nullcontext() if meta else FakeTensorMode(allow_non_fake_inputs=True)
+        op_counts = _OpCounts(running)
+        counting = contextlib.nullcontext() if meta else op_counts
         with torch.no_grad(), hooks_bypassed(denoiser), fake, _quiet_fake_tensors():
             latent, timestep, cond_args, cond_kwargs = _on_meta(make_inputs()) if meta else make_inputs()
-            # operators and elements are counted for real weights only: "auto" reads them on a
-            # CPU (partition.estimated_costs), and counting is half of a meta trace's time
-            op_counts = _OpCounts(running)
-            with FlopCounterMode(display=False) as counter, prov, contextlib.nullcontext() if meta else op_counts:
+            with FlopCounterMode(display=False) as counter, prov, counting:
                 prov.mark(latent, frozenset([LATENT]))
                 prov.mark(timestep, frozenset([TIMESTEP]))
                 arguments = _label_arguments(prov, denoiser, latent, timestep, cond_args, cond_kwargs)

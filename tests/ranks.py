@@ -13,6 +13,7 @@ import time
 import traceback
 from pathlib import Path
 
+import pytest
 import torch
 
 from asyncdiff_rt.engine import links
@@ -36,19 +37,20 @@ def installed(tool):
 
 def start_rank(script, args, env, log):
     """Run `python script *args` with `env` as a child process writing to `log`; returns
-    an object with Popen's `pid`, `communicate`, `kill`, `wait` and `returncode`.
+    a Popen, or an object with its `pid`, `poll`, `wait`, `kill` and `returncode`.
 
     On the CPU it is forked from this process, which has imported torch, diffusers and
     the runtime already: a rank then starts in well under a second instead of paying
     5-10 s of imports on the 2-core machine (2026-12-03). A process that has used CUDA
     cannot fork one that uses it again, so GPU tests get a fresh interpreter."""
     if torch.cuda.is_initialized() or any(a in ("--cuda", "--same-gpu") for a in map(str, args)):
-        return _Spawned(subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env,
-                                         stdout=open(log, "wb"), stderr=subprocess.STDOUT), log)
+        with open(log, "wb") as out:
+            return subprocess.Popen([sys.executable, str(script), *map(str, args)], env=env, stdout=out,
+                                    stderr=subprocess.STDOUT)
     pid = os.fork()
     if pid == 0:  # the child: never returns into the test
         _run_forked(script, args, env, log)
-    return _Forked(pid, log)
+    return _Forked(pid)
 
 
 def _run_forked(script, args, env, log):
@@ -78,8 +80,8 @@ def _run_forked(script, args, env, log):
 
 
 class _Forked:
-    def __init__(self, pid, log):
-        self.pid, self.log, self.returncode = pid, Path(log), None
+    def __init__(self, pid):
+        self.pid, self.returncode = pid, None
 
     def poll(self):
         if self.returncode is None:
@@ -96,32 +98,9 @@ class _Forked:
             time.sleep(0.02)
         return self.returncode
 
-    def communicate(self, timeout=None):
-        self.wait(timeout)
-        return self.log.read_bytes(), None
-
     def kill(self):
         if self.poll() is None:
             os.kill(self.pid, signal.SIGKILL)
-
-
-class _Spawned:
-    def __init__(self, proc, log):
-        self._proc, self.log, self.pid = proc, Path(log), proc.pid
-
-    @property
-    def returncode(self):
-        return self._proc.returncode
-
-    def communicate(self, timeout=None):
-        self._proc.wait(timeout)
-        return self.log.read_bytes(), None
-
-    def kill(self):
-        self._proc.kill()
-
-    def wait(self, timeout=None):
-        return self._proc.wait(timeout)
 
 
 def run_ranks(script, args, world, folder, timeout, hung=None, env=None):
@@ -133,19 +112,18 @@ def run_ranks(script, args, world, folder, timeout, hung=None, env=None):
     port, start = free_port(), time.monotonic()
     envs = [{k: v for k, v in {**rank_env(r, world, port), **(env or {})}.items() if v is not None}
             for r in range(world)]
-    procs = [start_rank(script, args, envs[r], Path(folder) / f"log{r}.txt") for r in range(world)]
+    logs = [Path(folder) / f"log{r}.txt" for r in range(world)]
+    procs = [start_rank(script, args, envs[r], logs[r]) for r in range(world)]
     done = {}
     try:
         for rank in [r for r in range(world) if r != hung] + ([hung] if hung is not None else []):
             if rank == hung:
                 procs[rank].kill()
             try:
-                log, _ = procs[rank].communicate(timeout=max(1.0, timeout - (time.monotonic() - start)))
+                procs[rank].wait(timeout=max(1.0, timeout - (time.monotonic() - start)))
             except subprocess.TimeoutExpired:
-                import pytest
-
                 pytest.fail(f"rank {rank} did not exit within {timeout} s")
-            done[rank] = (procs[rank].returncode, log.decode(errors="replace")[-3000:])
+            done[rank] = (procs[rank].returncode, logs[rank].read_text(errors="replace")[-3000:])
     finally:
         for proc in procs:
             proc.kill()
