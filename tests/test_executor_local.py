@@ -9,7 +9,7 @@ import torch
 import asyncdiff_rt
 from asyncdiff_rt.async_denoiser import AsyncDenoiser
 from asyncdiff_rt.engine import make_executor, resolve_executor
-from asyncdiff_rt.engine.devices import count_devices, lists_gpus, parse_devices
+from asyncdiff_rt.engine.devices import count_devices, lists_gpus, open_devices, parse_devices
 from asyncdiff_rt.engine.graphs import GraphCache
 from asyncdiff_rt.models.configs import build_unet
 from asyncdiff_rt.models.tiny_pipelines import tiny_sd_pipeline
@@ -225,6 +225,13 @@ def test_bad_device_lists_are_refused_with_the_fix(sd15):
     with pytest.raises(ValueError, match="sees 0 GPU" if not torch.cuda.is_available() else "GPU"):
         asyncdiff_rt.parallelize(pipe, n_components=2, devices="cuda:7*2")
     assert not isinstance(pipe.unet, AsyncDenoiser) and "forward" not in pipe.unet.conv_in.__dict__
+
+
+def test_opening_an_unseen_gpu_names_the_fix():
+    """The executor's own check (devices a caller hands it directly, past parallelize's)."""
+    unseen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    with pytest.raises(ValueError, match=r"sees \d+ GPU\(s\); list devices it has"):
+        open_devices(f"cuda:{unseen}*2")
 
 
 def test_graph_cache_runs_eagerly_off_the_gpu():

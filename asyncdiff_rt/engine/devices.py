@@ -74,12 +74,16 @@ def check_visible(devices):
     """ValueError naming the fix for a listed GPU this process does not see (it asks the
     driver how many there are; it makes no context)."""
     for entry in parse_devices(devices):
-        if entry.device.type != "cuda":
-            continue
-        seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if entry.device.index >= seen:
-            raise ValueError(f"device {entry}: this process sees {seen} GPU(s); list devices it has "
-                             "(check CUDA_VISIBLE_DEVICES) or use 'cpu*N'")
+        _check_entry(entry)
+
+
+def _check_entry(entry):
+    if entry.device.type != "cuda":
+        return
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if entry.device.index >= seen:
+        raise ValueError(f"device {entry}: this process sees {seen} GPU(s); list devices it has "
+                         "(check CUDA_VISIBLE_DEVICES) or use 'cpu*N'")
 
 
 @dataclass
@@ -114,7 +118,7 @@ def open_devices(devices):
             names = [f"cpu#{i}" for i in range(entry.count)] if entry.virtual else ["cpu"]
             out += [LocalDevice(n, dev) for n in names]
             continue
-        check_visible(entry)
+        _check_entry(entry)
         streams, sms = [], [0] * entry.count
         if entry.parts:
             partition = _sm_partition(dev.index, entry.parts)
