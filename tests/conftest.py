@@ -23,7 +23,8 @@ def pytest_collection_modifyitems(config, items):
 # the GPU check's step cap (profiling/gpu_check.sh) ends the whole step. Measured
 # 2026-12-03: on an H100 the 58 GPU tests took 115 s in all (profiling/results/
 # gpu_check_nvidia_h100); on the shared 2-core CPU the slowest distributed test took 22 s
-# at a quiet moment (/tmp/before_tests.log) and its launches took over 90 s at load 17.
+# at a quiet moment (pytest --durations, serial run of b67af23) and its launches took over 90 s
+# at load 17 (forked ranks since: 13 s at most, -n 2, 6d81386).
 # ASYNCDIFF_RT_TEST_TIMEOUT_S sets one limit for both; a test's `timeout(seconds)` mark wins.
 LIMITS_S = {"gpu": 90.0, "distributed": 300.0}  # the first that applies: GPU before distributed
 if "ASYNCDIFF_RT_TEST_TIMEOUT_S" in os.environ:
